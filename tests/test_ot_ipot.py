@@ -1,0 +1,127 @@
+"""IPOT and Sinkhorn: accuracy against exact OT, finiteness in float32, gradients, errors."""
+import numpy as np, ot, pytest, torch
+from otkd_nb.cost import cosine_cost, clustered_features
+from otkd_nb.exact import exact_ot
+from otkd_nb.remd import remd
+from otkd_nb.ipot import ipot, sinkhorn, LOG_DOMAIN_BELOW
+
+@pytest.mark.parametrize('b', [64, 128, 256])
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_defaults_within_1e3_of_exact(b, seed):
+    C = cosine_cost(*clustered_features(b, 32, seed=seed))
+    ex = exact_ot(C)[0]
+    v = ipot(C)[0]
+    assert abs(v - ex) / ex < 1e-3
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_float64_converges_to_exact(seed):
+    C = cosine_cost(*clustered_features(64, 16, seed=seed, dtype=torch.float64))
+    ex = exact_ot(C)[0]
+    v = ipot(C, beta=0.02, n_iter=2000)[0]
+    assert v.dtype == torch.float64 and abs(v - ex) / ex < 1e-6
+
+def _hard_costs():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randn(64, 4, generator=g)
+    zx = x.clone(); zx[::7] = 0                             # zero vectors
+    dup = x[torch.arange(64) % 5]                           # duplicated points
+    return {'gauss4': cosine_cost(x, y), 'zeros': cosine_cost(zx, y), 'duplicates': cosine_cost(dup, dup),
+            'half': cosine_cost(x.half(), y.half()), 'clustered': cosine_cost(*clustered_features(64, 32))}
+
+@pytest.mark.parametrize('beta', [1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize('name', ['gauss4', 'zeros', 'duplicates', 'half', 'clustered'])
+def test_finite_in_float32(name, beta):
+    C = _hard_costs()[name]
+    for n_iter in (1, 50, 500):
+        v, P = ipot(C, beta=beta, n_iter=n_iter)
+        assert v.dtype == torch.float32 and torch.isfinite(v).all() and torch.isfinite(P).all()
+        vs, Ps = sinkhorn(C, reg=beta, n_iter=n_iter)
+        assert torch.isfinite(vs).all() and torch.isfinite(Ps).all()
+
+def test_half_input_is_upcast():
+    C = torch.rand(3, 8, 8).half()
+    v, P = ipot(C)
+    assert v.dtype == torch.float32 and P.dtype == torch.float32
+
+def test_automatic_domain_threshold():
+    "The plain domain is used at and above the threshold, the log domain below; both give the same answer where both work."
+    C = cosine_cost(*clustered_features(32, 16))
+    beta = LOG_DOMAIN_BELOW[torch.float32]
+    for bt in (beta, 2 * beta):
+        assert torch.allclose(ipot(C, bt, 50)[0], ipot(C, bt, 50, log_domain=True)[0], rtol=1e-5)
+        assert torch.allclose(ipot(C, bt, 50)[0], ipot(C, bt, 50, log_domain=False)[0])
+
+def test_plain_domain_breaks_where_auto_does_not():
+    C = _hard_costs()['gauss4']
+    assert not torch.isfinite(ipot(C, 0.01, 500, log_domain=False)[0])
+    assert torch.isfinite(ipot(C, 0.01, 500)[0])
+
+def test_gradcheck_unrolled_and_remd():
+    g = torch.Generator().manual_seed(1)
+    for shape in [(4, 4), (2, 3, 5)]:
+        C = torch.rand(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda C: ipot(C, beta=0.1, n_iter=20, unroll=True)[0], (C,))
+        assert torch.autograd.gradcheck(lambda C: ipot(C, beta=0.005, n_iter=5, unroll=True)[0], (C,))  # log domain
+        assert torch.autograd.gradcheck(lambda C: sinkhorn(C, reg=0.1, n_iter=20, unroll=True)[0], (C,))
+        assert torch.autograd.gradcheck(remd, (C,))
+
+def test_envelope_gradient_is_plan_and_unrolled_differs():
+    C = torch.rand(6, 6, dtype=torch.float64, requires_grad=True)
+    v, P = ipot(C, beta=0.2, n_iter=5)
+    g_env, = torch.autograd.grad(v, C)
+    assert torch.equal(g_env, P)
+    vu, Pu = ipot(C, beta=0.2, n_iter=5, unroll=True)
+    g_un, = torch.autograd.grad(vu, C)
+    assert torch.allclose(vu, v) and not torch.allclose(g_un, g_env)
+
+def test_sinkhorn_matches_pot_log():
+    C = cosine_cost(*clustered_features(24, 8, seed=7, dtype=torch.float64))
+    u = np.full(24, 1 / 24)
+    for reg in (0.1, 0.5):
+        P_ref = ot.bregman.sinkhorn_log(u, u, C.numpy(), reg, numItermax=2000, stopThr=0)
+        v, P = sinkhorn(C, reg, 2000)
+        np.testing.assert_allclose(P.numpy(), P_ref, atol=1e-10)
+        sk2 = ot.bregman.sinkhorn2(u, u, C.numpy(), reg, method='sinkhorn_log', numItermax=2000, stopThr=0)
+        assert abs(v.item() - float(sk2)) < 1e-9
+
+def test_non_uniform_weights_converge():
+    g = torch.Generator().manual_seed(3)
+    C = torch.rand(7, 9, dtype=torch.float64, generator=g)
+    a = torch.rand(7, dtype=torch.float64, generator=g) + 0.1; a /= a.sum()
+    b = torch.rand(9, dtype=torch.float64, generator=g) + 0.1; b /= b.sum()
+    v, P = ipot(C, beta=0.05, n_iter=3000, a=a, b=b)
+    assert abs(v.item() - ot.emd2(a.numpy(), b.numpy(), C.numpy())) < 1e-6
+    assert torch.allclose(P.sum(-1), a, atol=1e-6) and torch.allclose(P.sum(-2), b, atol=1e-9)
+
+def test_batched_equals_one_by_one():
+    C = torch.rand(2, 3, 10, 10)
+    v, P = ipot(C)
+    for i in range(2):
+        for j in range(3): assert torch.allclose(v[i, j], ipot(C[i, j])[0], atol=1e-6)
+
+def test_autocast_bfloat16_gives_float32():
+    C = torch.rand(4, 8, 8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        v, P = ipot(C)
+    assert v.dtype == torch.float32 and torch.allclose(v, ipot(C)[0])
+
+@pytest.mark.parametrize('f', [ipot, sinkhorn, remd, exact_ot])
+@pytest.mark.parametrize('C,msg', [
+    (torch.rand(5), 'rank >= 2'), (torch.rand(0, 5), 'empty'),
+    (torch.tensor([[0.1, float('nan')], [0.2, 0.3]]), 'NaN or Inf'),
+    (torch.tensor([[0.1, float('-inf')], [0.2, 0.3]]), 'NaN or Inf')])
+def test_bad_input(f, C, msg):
+    with pytest.raises(ValueError, match=msg): f(C)
+
+@pytest.mark.parametrize('x,y,msg', [
+    (torch.randn(4, 6), torch.randn(4, 7), 'Feature sizes differ'),
+    (torch.randn(0, 6), torch.randn(4, 6), 'empty batch'),
+    (torch.randn(6), torch.randn(4, 6), 'rank >= 2'),
+    (torch.full((2, 3), float('nan')), torch.randn(2, 3), 'NaN or Inf')])
+def test_cost_bad_input(x, y, msg):
+    with pytest.raises(ValueError, match=msg): cosine_cost(x, y)
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match='beta'): ipot(torch.rand(3, 3), beta=-1)
+    with pytest.raises(ValueError, match='n_iter'): ipot(torch.rand(3, 3), n_iter=0)
+    with pytest.raises(ValueError, match='> 0'): ipot(torch.rand(3, 3), a=torch.tensor([1., 0., 0.]))
