@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet --no-warn-script-location
+PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
 .PHONY: install test sync readme export clean-venv
 
