@@ -34,7 +34,9 @@ def test_zero_for_identical_batches(xy):
     C = cosine_cost(x, x)
     assert abs(remd(C).item()) < 1e-9
     assert abs(exact_ot(C)[0].item()) < 1e-9
-    assert abs(ipot(C)[0].item()) <= 1e-3 * C.mean().item() + 1e-12  # IPOT is inexact: relative to the scale of C
+    # IPOT is inexact: after t iterations an off-diagonal entry of cost c keeps a weight ~exp(-t c / beta), so it
+    # adds at most c exp(-t c / beta) <= beta / (e t) to the value; at the defaults (beta 0.05, 100 iterations) < 5e-4.
+    assert 0 <= ipot(C)[0].item() <= 0.05 / 100
 
 @cfg
 @given(batches(), st.randoms(use_true_random=False))
