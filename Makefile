@@ -27,7 +27,7 @@ export: $(STAMP)
 # The test command: notebooks and package in sync, README up to date, every notebook runs, then pytest.
 test: $(STAMP)
 	$(BIN)/python tools/check_sync.py
-	$(BIN)/nbdev-test --n-workers 2
+	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2  # two notebooks at a time, one thread each: no oversubscription
 	$(BIN)/python -m pytest tests/ -q
 
 clean-venv:
