@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: install test sync readme export clean-venv
+.PHONY: install test bench export fashion-mnist clean-venv
 
 # Create the venv and install the package with its dev extra; redone only when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Fashion-MNIST, the real data a CPU can train on, from Debian's dataset-fashion-mnist (skipped if present or not root).
+FMNIST := /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	@test -d $(FMNIST) || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's dataset-fashion-mnist into $(FMNIST)..."; \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || echo "warning: could not install dataset-fashion-mnist; tests that need it will be skipped"; \
+	else echo "note: $(FMNIST) is missing; install Debian's dataset-fashion-mnist (or set OTKD_DATA) to run the Fashion-MNIST parts"; fi; }
+
 # Export the notebooks to the package and regenerate README.md from nbs/index.ipynb.
 export: $(STAMP)
 	$(BIN)/nbdev-clean
@@ -25,10 +33,14 @@ export: $(STAMP)
 	$(BIN)/python tools/readme.py
 
 # The test command: notebooks and package in sync, README up to date, every notebook runs, then pytest.
-test: $(STAMP)
+test: $(STAMP) fashion-mnist
 	$(BIN)/python tools/check_sync.py
 	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2  # two notebooks at a time, one thread each: no oversubscription
 	$(BIN)/python -m pytest tests/ -q
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Solver and training-step benchmarks (CUDA when available); results in bench_results/.
+bench: $(STAMP)
+	$(BIN)/otkd-bench
