@@ -125,3 +125,16 @@ def test_bad_parameters():
     with pytest.raises(ValueError, match='beta'): ipot(torch.rand(3, 3), beta=-1)
     with pytest.raises(ValueError, match='n_iter'): ipot(torch.rand(3, 3), n_iter=0)
     with pytest.raises(ValueError, match='> 0'): ipot(torch.rand(3, 3), a=torch.tensor([1., 0., 0.]))
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_cuda_graph_matches_eager_without_sync():
+    C = cosine_cost(*[t.cuda() for t in clustered_features(128, 32)]).expand(3, 128, 128).contiguous()
+    for beta in (0.05, 0.01):  # plain and log domain
+        v0, P0 = ipot(C, beta=beta, check=False, graph=False)
+        ipot(C, beta=beta, check=False)  # capture
+        torch.cuda.set_sync_debug_mode('error')
+        try: v1, P1 = ipot(C, beta=beta, check=False); s1 = sinkhorn(C, check=False)[0]
+        finally: torch.cuda.set_sync_debug_mode(0)
+        assert torch.allclose(v0, v1, rtol=1e-6) and torch.allclose(P0, P1, atol=1e-7)
+        v2, _ = ipot(C * 0.5, beta=beta, check=False)  # the same graph, new input
+        assert torch.allclose(v2, ipot(C * 0.5, beta=beta, check=False, graph=False)[0], rtol=1e-6)
