@@ -218,3 +218,8 @@ def test_crd_needs_index(dls, teacher):
 
 def test_ce_weight_conflict(dls, teacher):
     with pytest.raises(ValueError, match='ce_weight'): mk(dls, []).fit(1, cbs=[KDCallback(teacher), IPOTCallback(teacher, ce_weight=1.0)])
+
+def test_sequential_student_with_connectors_fails_clearly(dls, teacher):
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    with pytest.raises(TypeError, match='wrap it in a module of its own'):
+        Learner(dls, seq, loss_func=nn.CrossEntropyLoss(), cbs=IPOTCallback(teacher, student_layers=['3'], teacher_layers=['pool']))
