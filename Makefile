@@ -44,3 +44,18 @@ clean-venv:
 # Solver and training-step benchmarks (CUDA when available); results in bench_results/.
 bench: $(STAMP)
 	$(BIN)/otkd-bench
+
+# The README's first command: set everything up, then distil on Fashion-MNIST on the CPU in a few minutes
+# (a teacher, then the student alone, with KD and with IPOT+KD; runs, table and figure in runs/demo; DEMO_ARGS="--help" lists the options).
+.PHONY: demo
+demo: $(STAMP) fashion-mnist
+	$(BIN)/otkd-demo $(DEMO_ARGS)
+
+# The documentation site, offline: nbdev processes nbs/ (as nbdev-docs does), Sphinx + MyST-NB renders it into _docs/.
+.PHONY: docs docs-check
+docs: $(STAMP)
+	$(BIN)/python tools/build_docs.py
+
+# Check the built site in headless Chromium (installs Debian's chromium and chromium-driver when root); screenshots in _docs_artifacts/.
+docs-check: docs
+	OTKD_DOCS_SITE=_docs $(BIN)/python -m pytest tests/test_docs.py -q -s
