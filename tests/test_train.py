@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch
 
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')
-from otkd_nb.train import (train_teacher_main, distill_main, demo_main, main, distill, train_teacher, RUN_FILES,
+from otkd_nb.train import (train_teacher_main, distill_main, demo_main, distill, train_teacher, RUN_FILES,
                            parse_method, METHOD_PARTS)
 from otkd_nb.data import write_fake_cifar100
 from otkd_nb.models import get_model
@@ -55,13 +55,6 @@ def test_console_scripts_are_installed():
     r = subprocess.run([str(BIN/'otkd-distill'), '--help'], capture_output=True, text=True, env=ENV, timeout=120)
     out = ' '.join(r.stdout.split())
     assert r.returncode == 0 and '--global-ot' in out and '(default: ipot+kd)' in out
-
-
-def test_module_entry_point(capsys):
-    "`python -m otkd_nb.train {train-teacher,distill,demo}`, for launchers that take a module (`torchrun -m`)."
-    assert main([]) == 2 and 'train-teacher,distill,demo' in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e: main(['distill', '--help'])
-    assert e.value.code == 0 and 'usage: otkd-distill' in capsys.readouterr().out
 
 
 # -- bad input
