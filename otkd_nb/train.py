@@ -25,6 +25,7 @@ from fastai.metrics import accuracy, top_k_accuracy
 from fastai.optimizer import SGD
 from fastai.torch_core import rank_distrib, num_distrib, set_seed, distrib_barrier
 from .callbacks import *
+from .callbacks import _TermMetric
 from .models import get_model, load_teacher, model_name, IMAGENET_MODELS
 from .data import cifar100_dls, svhn_dls, imagenet_dls, fashion_mnist_dls
 try: from fastai.distributed import DistributedDL  # needs `accelerate` (in the dev extra)
@@ -221,15 +222,7 @@ class RunLearner(Learner):
             self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
 # %% ../nbs/09_train.ipynb #353e53ae
-class _Column(Metric):
-    "A column of the progress table and the log whose value a callback sets."
-    def __init__(self, name:str): self._name, self.val = name, None
-    def reset(self): pass
-    def accumulate(self, learn): pass
-    @property
-    def value(self): return self.val
-    @property
-    def name(self): return self._name
+_Column = _TermMetric  # a column of the progress table and the log whose value a callback sets (see otkd_nb.callbacks)
 
 class TrainAccuracy(Callback):
     "The accuracy on the training batches (augmented, as trained on), in a column `train_accuracy`."
