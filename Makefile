@@ -59,3 +59,16 @@ docs: $(STAMP)
 # Check the built site in headless Chromium (installs Debian's chromium and chromium-driver when root); screenshots in _docs_artifacts/.
 docs-check: docs
 	OTKD_DOCS_SITE=_docs $(BIN)/python -m pytest tests/test_docs.py -q -s
+
+# The results table on a CPU (Fashion-MNIST, every method, three seeds; about an hour on two cores), in the background.
+# Its output goes to results/fashion_mnist.log; run it again after an interruption: finished runs are reused, an interrupted one continues.
+# RESULTS_ARGS="--help" lists the options.
+RESULTS_LOG := results/fashion_mnist.log
+.PHONY: results
+results: $(STAMP) fashion-mnist
+	@mkdir -p results
+	@if [ -f runs/results/results.pid ] && kill -0 $$(cat runs/results/results.pid) 2>/dev/null; then \
+	  echo "otkd-results is already running (pid $$(cat runs/results/results.pid)); follow it with: tail -f $(RESULTS_LOG)"; exit 1; fi
+	@case "$(RESULTS_ARGS)" in *-h*) $(BIN)/otkd-results $(RESULTS_ARGS); exit 0;; esac; \
+	nohup $(BIN)/otkd-results --quiet $(RESULTS_ARGS) >> $(RESULTS_LOG) 2>&1 & \
+	echo "otkd-results started in the background (pid $$!); follow it with: tail -f $(RESULTS_LOG)"

@@ -7,6 +7,7 @@ warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')
 from otkd_nb.train import (train_teacher_main, distill_main, demo_main, distill, train_teacher, RUN_FILES,
                            parse_method, METHOD_PARTS)
 from otkd_nb.data import write_fake_cifar100
+from otkd_nb.results import results_main, _lock
 from otkd_nb.models import get_model
 
 BIN = Path(sys.executable).parent
@@ -35,9 +36,12 @@ HELP_OPTIONS = {
                          '--out', '--resume', '--overwrite', '--n-train', '--n-valid', '--split', '--stop-after', '--threads', '--num-workers'],
     distill_main: ['--teacher', '--teacher-ckpt', '--trusted', '--student', '--method', '--global-ot', '--dataset', '--data', '--epochs',
                    '--bs', '--lr', '--wd', '--seed', '--device', '--precision', '--out', '--resume', '--overwrite', '--n-train',
-                   '--n-valid', '--split', '--stop-after', '--threads', '--num-workers'],
+                   '--n-valid', '--split', '--stop-after', '--threads', '--num-workers', '--set'],
     demo_main: ['--out', '--data', '--teacher', '--student', '--methods', '--n-train', '--n-valid', '--teacher-epochs', '--epochs',
                 '--bs', '--seed', '--threads', '--fresh', '--no-plot'],
+    results_main: ['--out', '--results-dir', '--data', '--teacher', '--student', '--methods', '--seeds', '--n-train', '--n-valid',
+                   '--teacher-epochs', '--epochs', '--bs', '--weights', '--layer-sets', '--betas', '--n-iters', '--threads', '--fresh',
+                   '--quiet', '--no-plot'],
 }
 
 @pytest.mark.parametrize('main', list(HELP_OPTIONS), ids=lambda f: f.__name__)
@@ -51,7 +55,7 @@ def test_help_lists_every_option_with_its_default(main, capsys):
 
 
 def test_console_scripts_are_installed():
-    for name in ('otkd-train-teacher', 'otkd-distill', 'otkd-demo'): assert (BIN/name).exists() or shutil.which(name), name
+    for name in ('otkd-train-teacher', 'otkd-distill', 'otkd-demo', 'otkd-results', 'otkd-bench'): assert (BIN/name).exists() or shutil.which(name), name
     r = subprocess.run([str(BIN/'otkd-distill'), '--help'], capture_output=True, text=True, env=ENV, timeout=120)
     out = ' '.join(r.stdout.split())
     assert r.returncode == 0 and '--global-ot' in out and '(default: ipot+kd)' in out
@@ -78,6 +82,36 @@ def test_missing_data_and_wrong_checkpoint(data, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert 'does not fit resnet8' in err and "pass name='resnet14'" in err
     assert not (tmp_path/'a').exists() and not (tmp_path/'b').exists()
+
+
+def test_set_options_reach_the_callbacks_and_the_config(data, tmp_path, capsys):
+    out = tmp_path/'run'
+    assert distill_main(tiny(data, out, '--method', 'ipot+kd', '--set', 'ipot.weight=2.5', '--set', 'ipot.beta=0.2',
+                             '--set', 'ipot.student_layers=layer3', '--set', 'ipot.teacher_layers=layer3', '--set', 'kd.T=2')) == 0
+    cfg = json.loads((out/'config.json').read_text())
+    assert cfg['options'] == {'ipot': {'weight': 2.5, 'beta': 0.2, 'student_layers': ['layer3'], 'teacher_layers': ['layer3']}, 'kd': {'T': 2}}
+    # the same options resume the finished run; other ones are another recipe
+    assert distill_main(tiny(data, out, '--method', 'ipot+kd', '--resume', '--set', 'ipot.weight=2.5', '--set', 'ipot.beta=0.2',
+                             '--set', 'ipot.student_layers=layer3', '--set', 'ipot.teacher_layers=layer3', '--set', 'kd.T=2')) == 0
+    capsys.readouterr()
+    assert distill_main(tiny(data, out, '--method', 'ipot+kd', '--resume', '--set', 'ipot.weight=1')) == 1
+    assert 'options' in capsys.readouterr().err
+    # a misspelt argument, or a part that the method does not use, stops before anything is written
+    for bad, msg in ((['--set', 'ipot.betta=0.1'], "no argument ['betta']"), (['--set', 'crd.weight=1'], 'does not use'),
+                     (['--set', 'ipot:weight=1'], 'PART.ARG=VALUE')):
+        with pytest.raises(SystemExit) as e: distill_main(tiny(data, tmp_path/'bad', '--method', 'ipot+kd', *bad))
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path/'bad').exists()
+
+
+def test_results_refuses_a_second_call_in_the_same_folder(tmp_path):
+    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (tmp_path/'results.pid').write_text(str(child.pid))
+        with pytest.raises(RuntimeError, match=f'pid {child.pid}'): _lock(tmp_path)
+    finally: child.kill(); child.wait()
+    lock = _lock(tmp_path)  # the process is gone: its stale lock is taken over
+    assert lock.read_text() == str(os.getpid())
 
 
 # -- a run and its folder
