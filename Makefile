@@ -60,7 +60,7 @@ docs: $(STAMP)
 docs-check: docs
 	OTKD_DOCS_SITE=_docs $(BIN)/python -m pytest tests/test_docs.py -q -s
 
-# The results table on a CPU (Fashion-MNIST, every method, three seeds; about an hour on two cores), in the background.
+# The results table on a CPU (Fashion-MNIST, every method, three seeds; 111 min on two cores here), in the background.
 # Its output goes to results/fashion_mnist.log; run it again after an interruption: finished runs are reused, an interrupted one continues.
 # RESULTS_ARGS="--help" lists the options.
 RESULTS_LOG := results/fashion_mnist.log
