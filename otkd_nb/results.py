@@ -13,8 +13,8 @@ import pandas as pd
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from .models import feature_layers, model_name
-from .train import train_teacher, distill, canonical_method, write_atomic, write_json, read_json, RunConfigError
-from .train import _log_rows, _time_s, _threads
+from .train import train_teacher, distill, canonical_method, write_atomic, write_json, read_json
+from .train import _log_rows, _time_s, _threads, _fit_or_reuse
 
 # %% auto #0
 __all__ = ['RESULT_METHODS', 'LAYER_SETS', 'Study', 'ot_layers', 'ot_options', 'NoRawLog', 'EpochLine', 'search_settings',
@@ -86,18 +86,13 @@ class EpochLine(Callback):
               f"accuracy {float(vals.get('accuracy', float('nan'))):.4f}, {time.time() - self.t:.0f} s", flush=True)
 
 def _run(f, label:str, quiet:bool, fresh:bool, **kwargs)->dict:
-    "Run `f(**kwargs)`: reuse or continue its folder when the recipe is the same, else start afresh; in `quiet` mode one line per epoch."
-    cbs = [NoRawLog(), EpochLine(label)] if quiet else []
-    def go(**kw):
-        if not quiet: return f(**kw, **kwargs)
-        from fastai.learner import defaults
-        old = defaults.callbacks
-        defaults.callbacks = [c for c in old if c is not ProgressCallback]  # no progress bars in a log file
-        try: return f(**kw, cbs=cbs, **kwargs)
-        finally: defaults.callbacks = old
-    if fresh: return go(overwrite=True)
-    try: return go(resume=True)
-    except RunConfigError: return go(overwrite=True)
+    "`_fit_or_reuse(f, fresh, **kwargs)` (reuse, continue or restart the run's folder); in `quiet` mode one line per epoch and no progress bars."
+    if not quiet: return _fit_or_reuse(f, fresh, **kwargs)
+    from fastai.learner import defaults
+    old = defaults.callbacks
+    defaults.callbacks = [c for c in old if c is not ProgressCallback]  # no progress bars in a log file
+    try: return _fit_or_reuse(f, fresh, cbs=[NoRawLog(), EpochLine(label)], **kwargs)
+    finally: defaults.callbacks = old
 
 # %% ../nbs/12_results.ipynb #da42cb1a
 def search_settings(study:Study)->list:
