@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np, torch, ot
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from .cost import cosine_cost, clustered_features
+from .cost import cosine_cost, cosine_cost_autograd, clustered_features
 from .exact import exact_ot
 from .remd import remd, remd_autograd
 from .ipot import ipot, sinkhorn
 
 # %% auto #0
-__all__ = ['SOLVERS', 'REFERENCES', 'timeit', 'bench_solvers', 'fit_exponent', 'bench_step', 'report', 'main']
+__all__ = ['SOLVERS', 'REFERENCES', 'timeit', 'bench_solvers', 'fit_exponent', 'bench_matvec', 'bench_step', 'report', 'main']
 
 # %% ../nbs/11_bench.ipynb #b41cf294
 def _sync(device):
@@ -99,6 +99,9 @@ def bench_solvers(
             def cost_fb(): cosine_cost(xg, y, check=False).sum().backward()
             t_cost_fb = timeit(cost_fb, device, repeat)
             rows.append(dict(method='cosine cost alone', b=b, L=L, fwd_ms=1e3 * t_cost, fwdbwd_ms=1e3 * t_cost_fb, rel_err=0.0))
+            def ref_fb(): cosine_cost_autograd(xg, y, check=False).sum().backward()
+            rows.append(dict(method='cosine cost, autograd through the formula', b=b, L=L, rel_err=0.0,
+                             fwd_ms=1e3 * timeit(lambda: cosine_cost_autograd(x, y, check=False), device, repeat), fwdbwd_ms=1e3 * timeit(ref_fb, device, repeat)))
             for name, f in SOLVERS.items():
                 v = f(C).double().cpu().numpy()
                 t_f = timeit(lambda: f(cosine_cost(x, y, check=False)), device, repeat)
@@ -122,15 +125,32 @@ def fit_exponent(
     "Least-squares slope of log(t) against log(x)."
     return float(np.polyfit(np.log(np.asarray(xs, float)), np.log(np.asarray(ts, float)), 1)[0])
 
+# %% ../nbs/11_bench.ipynb #1ab5ada9
+def bench_matvec(
+    sizes=(64, 128, 256, 512, 1024), # batch sizes b
+    L:int=4, # stacked matrices
+    device='cpu', # where to run
+    repeat:int=50, # timed repeats per measurement (median)
+)->list: # one dict per b
+    "Time of `bmm(Q, v)` (column vector) against `bmm(v, Q.mT)` (row vector, the same product) for `(L, b, b)` matrices."
+    rows = []
+    for b in sizes:
+        Q = torch.rand(L, b, b, device=device)
+        col, row = torch.rand(L, b, 1, device=device), torch.rand(L, 1, b, device=device)
+        t_col, t_row = (timeit(f, device, repeat, warmup=10) for f in (lambda: torch.bmm(Q, col), lambda: torch.bmm(row, Q.mT)))
+        rows.append(dict(b=b, L=L, column_us=1e6 * t_col, row_us=1e6 * t_row, ratio=t_col / t_row))
+    return rows
+
 # %% ../nbs/11_bench.ipynb #d622acd4
 def bench_step(
     pairs=(('resnet32x4', 'resnet8x4'), ('resnet56', 'resnet20')), # (teacher, student) zoo names
     batch:int=64, # batch size
-    steps:int=30, # timed steps (after 2 warm-up steps)
+    steps:int=30, # timed steps per method, spread over the rounds
     device=None, # default: CUDA if available, else CPU
     progress:bool=True, # print a line per measurement
+    rounds:int=5, # the methods take turns this many times, so that a machine's drift hits them alike
 )->list: # one dict per (pair, method)
-    "Time of one training step with KD, KD+REMD and KD+IPOT, as ratios to KD."
+    "Time of one training step with KD, KD+REMD and KD+IPOT, as ratios to KD, measured in turns."
     from fastai.learner import Learner
     from fastai.data.core import DataLoaders
     from fastai.callback.core import Callback
@@ -145,7 +165,9 @@ def bench_step(
         def before_batch(self): _sync(device); self.t = time.perf_counter()
         def after_batch(self):
             if self.training: _sync(device); self.ts.append(time.perf_counter() - self.t)
-    n = batch * (steps + 2)
+    rounds = max(1, min(rounds, steps))
+    per_round = math.ceil(steps / rounds)
+    n = batch * (per_round + 1)  # each round's first step warms up and is not counted
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 100, (n,), generator=g))
     vs = TensorDataset(torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,)))
@@ -156,14 +178,19 @@ def bench_step(
         methods = {'KD': lambda: [KDCallback(teacher)],
                    'KD+REMD': lambda: [KDCallback(teacher), REMDCallback(teacher)],
                    'KD+IPOT': lambda: [KDCallback(teacher), IPOTCallback(teacher)]}
-        base = None
+        learners = {}
         for m, cbs in methods.items():
             torch.manual_seed(0)
-            learn = Learner(dls, get_model(sname), loss_func=nn.CrossEntropyLoss(), cbs=cbs())
-            timer = StepTimer()
-            with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.01, cbs=timer)
-            t = statistics.median(timer.ts[2:])
-            base = base or t
+            learners[m] = Learner(dls, get_model(sname), loss_func=nn.CrossEntropyLoss(), cbs=cbs())
+        ts = {m: [] for m in methods}
+        for r in range(rounds):
+            for m in (list(methods) if r % 2 == 0 else list(methods)[::-1]):  # alternate the order: no method always goes first
+                timer = StepTimer()
+                with learners[m].no_bar(), learners[m].no_logging(): learners[m].fit(1, 0.01, cbs=timer)
+                ts[m] += timer.ts[1:]
+        base = statistics.median(ts['KD'])
+        for m in methods:
+            t = statistics.median(ts[m])
             rows.append(dict(pair=f'{tname} -> {sname}', method=m, batch=batch, step_ms=1e3 * t, ratio=t / base))
             if progress: print(f"{tname} -> {sname} {m:8s} {1e3 * t:8.1f} ms/step  x{t / base:.3f}", flush=True)
     return rows
@@ -198,8 +225,8 @@ def _md_table(rows, keys):
     fmt = lambda v: (f'{v:.3g}' if isinstance(v, float) else str(v))
     return '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] + ['| ' + ' | '.join(fmt(r[k]) for k in keys) + ' |' for r in rows])
 
-def report(solver_rows, step_rows, machine)->str:
-    "The benchmark as markdown: machine, targets, solver table, scaling exponents, step table."
+def report(solver_rows, step_rows, machine, matvec_rows=())->str:
+    "The benchmark as markdown: machine, targets, solver table, scaling exponents, matrix-vector products, step table."
     lines = [f"Machine: {machine['name']} ({machine['device']}), {machine['cpus']} CPUs, {machine['torch_threads']} torch threads; "
              f"torch {machine['torch']}, POT {machine['pot']}, Python {machine['python']}.", '', '### Targets', '',
              '| target | measured | met |', '|---|---|---|']
@@ -220,6 +247,9 @@ def report(solver_rows, step_rows, machine)->str:
                 one = [r for r in solver_rows if r['method'] == m and r['L'] == 1 and r['b'] == b]
                 four = [r for r in solver_rows if r['method'] == m and r['L'] == 4 and r['b'] == b]
                 if one and four: lines.append(f"| {m} | {b} | {four[0]['fwd_ms'] / one[0]['fwd_ms']:.2f} |")
+    if matvec_rows:
+        lines += ['', '### Matrix-vector products (microseconds; `bmm(Q, v)` with a column vector against the same product as `bmm(v, Q.mT)` with a row)', '',
+                  _md_table(matvec_rows, ['b', 'L', 'column_us', 'row_us', 'ratio'])]
     if step_rows:
         lines += ['', '### Training step (milliseconds per step)', '', _md_table(step_rows, ['pair', 'method', 'batch', 'step_ms', 'ratio'])]
     return '\n'.join(lines) + '\n'
@@ -232,7 +262,7 @@ def _write_atomic(path:Path, text:str):
 def main(argv=None):
     "Command line: run the benchmarks and write JSON and markdown results."
     p = argparse.ArgumentParser(prog='otkd-bench', description='Benchmark the OT solvers against POT and SciPy, and the '
-        'training-step overhead of REMD and IPOT over KD. Timings are medians, reported as ratios measured in the same run.',
+        'training-step overhead of REMD and IPOT over KD, and the two ways of writing IPOT\'s matrix-vector products. Timings are medians, reported as ratios measured in the same run.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device of our solvers and of training')
     p.add_argument('--sizes', default='64,128,256,512,1024', help='batch sizes b, comma-separated')
@@ -240,7 +270,8 @@ def main(argv=None):
     p.add_argument('--width', type=int, default=256, help='feature width d of the solver benchmark')
     p.add_argument('--repeat', type=int, default=5, help='timed repeats per measurement (median)')
     p.add_argument('--steps', type=int, default=30, help='timed training steps per method (median)')
-    p.add_argument('--skip', choices=['solvers', 'step'], action='append', default=[], help='skip a part (repeatable)')
+    p.add_argument('--rounds', type=int, default=5, help='the training-step methods take turns this many times (drift hits them alike)')
+    p.add_argument('--skip', choices=['solvers', 'matvec', 'step'], action='append', default=[], help='skip a part (repeatable)')
     p.add_argument('--quick', action='store_true', help='small sizes, one pair, few repeats: a smoke test in about a minute')
     p.add_argument('--out', default='bench_results', help='folder for results_<device>.json and .md')
     a = p.parse_args(argv)
@@ -249,13 +280,14 @@ def main(argv=None):
     pairs = (('resnet20', 'resnet8'),) if a.quick else (('resnet32x4', 'resnet8x4'), ('resnet56', 'resnet20'))
     machine, dev = _machine(a.device), torch.device(a.device).type
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    def save(solver_rows, step_rows):  # after each part, so a failure later keeps what was measured
-        _write_atomic(out / f'results_{dev}.json', json.dumps(dict(machine=machine, solvers=solver_rows, step=step_rows), indent=1))
-        md = report(solver_rows, step_rows, machine)
+    def save(solver_rows, step_rows, matvec_rows=()):  # after each part, so a failure later keeps what was measured
+        _write_atomic(out / f'results_{dev}.json', json.dumps(dict(machine=machine, solvers=solver_rows, step=step_rows, matvec=list(matvec_rows)), indent=1))
+        md = report(solver_rows, step_rows, machine, matvec_rows)
         _write_atomic(out / f'results_{dev}.md', md)
         return md
     solver_rows = [] if 'solvers' in a.skip else bench_solvers(sizes, layers, a.width, a.device, 3 if a.quick else a.repeat)
-    save(solver_rows, [])
-    step_rows = [] if 'step' in a.skip else bench_step(pairs, 16 if a.quick else 64, 3 if a.quick else a.steps, a.device)
-    print(save(solver_rows, step_rows))
+    matvec_rows = [] if 'matvec' in a.skip else bench_matvec(sizes, device=a.device, repeat=10 if a.quick else 50)
+    save(solver_rows, [], matvec_rows)
+    step_rows = [] if 'step' in a.skip else bench_step(pairs, 16 if a.quick else 64, 3 if a.quick else a.steps, a.device, rounds=a.rounds)
+    print(save(solver_rows, step_rows, matvec_rows))
     return 0

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['flatten_features', 'cosine_cost', 'check_cost', 'clustered_features']
+__all__ = ['flatten_features', 'cosine_cost', 'cosine_cost_autograd', 'check_cost', 'clustered_features']
 
 # %% ../nbs/00_cost.ipynb #ee8e7aaa
 def _check_finite(t:Tensor, name:str):
@@ -31,22 +31,65 @@ def flatten_features(
     if x.shape[-1] == 0: raise ValueError(f"`{name}` has features of size 0 (shape {tuple(x.shape)}).")
     return x
 
+# %% ../nbs/00_cost.ipynb #25a7c0b1
+class _CosineCost(torch.autograd.Function):
+    "`1 - cos(x_i, y_j)` on `(B, n, d)` and `(B, m, d)`: one product forward, one per side backward, no feature-sized temporaries."
+    @staticmethod
+    def forward(ctx, x, y, eps):
+        nx, ny = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)  # (B, n), (B, m)
+        rx, ry = nx.clamp_min(eps).reciprocal_(), ny.clamp_min(eps).reciprocal_()  # 1 / max(|v|, eps)
+        S = torch.bmm(x, y.transpose(-1, -2)).mul_(rx.unsqueeze(-1)).mul_(ry.unsqueeze(-2))  # cosines
+        ix, iy = rx * (nx >= eps), ry * (ny >= eps)  # the same, but 0 for (near-)zero vectors: they get no gradient
+        ctx.save_for_backward(x, y, rx, ry, ix, iy, S)
+        return 1 - S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, y, rx, ry, ix, iy, S = ctx.saved_tensors
+        gS, gx, gy = g * S, None, None
+        if ctx.needs_input_grad[0]:  # x_i (sum_j g_ij S_ij) / |x_i|^2 - sum_j g_ij y_j / (|x_i| |y_j|)
+            A = g * (ix.unsqueeze(-1) * ry.unsqueeze(-2))
+            gx = torch.baddbmm(x * (gS.sum(-1) * ix * ix).unsqueeze(-1), A, y, alpha=-1)
+        if ctx.needs_input_grad[1]:  # the same with the roles of x and y swapped
+            A = g * (rx.unsqueeze(-1) * iy.unsqueeze(-2))
+            gy = torch.baddbmm(y * (gS.sum(-2) * iy * iy).unsqueeze(-1), A.transpose(-1, -2), x, alpha=-1)
+        return gx, gy, None
+
 # %% ../nbs/00_cost.ipynb #44cf9221
-def cosine_cost(
-    x:Tensor, # student features `(..., n, d)` or feature maps `(b, c, h, w)`
-    y:Tensor, # teacher features `(..., m, d)` or feature maps, same feature size as `x`
-    eps:float=1e-8, # norms below `eps` are raised to `eps`: zero vectors get cost 1 and finite gradients
-    check:bool=True, # raise on NaN/Inf inputs (one host sync); pass False in a hot loop
-)->Tensor: # `(..., n, m)` cosine costs in [0, 2], float32 or wider
-    "Cosine cost `1 - cos(x_i, y_j)` between two batches, batched over leading dimensions."
+def _prepare(x, y, check):
+    "Flatten, check and upcast the two batches of `cosine_cost`."
     x, y = flatten_features(x, 'x'), flatten_features(y, 'y')
     if x.shape[-1] != y.shape[-1]:
         raise ValueError(f"Feature sizes differ: x has {x.shape[-1]} features per sample {tuple(x.shape)}, "
                          f"y has {y.shape[-1]} {tuple(y.shape)}; add a connector (see `otkd_nb.features`) to map one onto the other.")
     if check: _check_finite(x, 'x'); _check_finite(y, 'y')
     dt = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    return x.to(dt), y.to(dt)
+
+def cosine_cost(
+    x:Tensor, # student features `(..., n, d)` or feature maps `(b, c, h, w)`
+    y:Tensor, # teacher features `(..., m, d)` or feature maps, same feature size as `x`
+    eps:float=1e-8, # norms below `eps` are raised to `eps`: zero vectors get cost 1 and a zero gradient
+    check:bool=True, # raise on NaN/Inf inputs (one host sync); pass False in a hot loop
+)->Tensor: # `(..., n, m)` cosine costs in [0, 2], float32 or wider
+    "Cosine cost `1 - cos(x_i, y_j)` between two batches, batched over leading dimensions."
     with torch.autocast(x.device.type, enabled=False):
-        x, y = x.to(dt), y.to(dt)
+        x, y = _prepare(x, y, check)
+        lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+        flat = lambda t: t.expand(*lead, *t.shape[-2:]).reshape(-1, *t.shape[-2:])  # one batch dimension for bmm
+        C = _CosineCost.apply(flat(x), flat(y), eps)
+        return C.view(*lead, *C.shape[-2:]).clamp(0, 2)
+
+def cosine_cost_autograd(
+    x:Tensor, # student features `(..., n, d)` or feature maps `(b, c, h, w)`
+    y:Tensor, # teacher features `(..., m, d)` or feature maps
+    eps:float=1e-8, # norms below `eps` are raised to `eps` (the gradient of a zero vector is then about 1/eps)
+    check:bool=True, # raise on NaN/Inf inputs
+)->Tensor: # `(..., n, m)` cosine costs in [0, 2]
+    "The cosine cost as normalise-then-multiply, differentiated by autograd: the reference that `cosine_cost` is checked against."
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = _prepare(x, y, check)
         xn = x * torch.rsqrt((x * x).sum(-1, keepdim=True).clamp_min(eps * eps))
         yn = y * torch.rsqrt((y * y).sum(-1, keepdim=True).clamp_min(eps * eps))
         return (1 - xn @ yn.transpose(-1, -2)).clamp(0, 2)

@@ -30,14 +30,31 @@ def _marginal(w, n:int, C:Tensor, name:str)->Tensor:
 
 # %% ../nbs/03_ipot.ipynb #9f9d9f61
 def _ipot_plain(C, a, b, beta, n_iter, inner):
-    "IPOT iterations with kernel `exp(-C/beta)`; returns the plan."
-    K, T, sig = torch.exp(-C / beta), torch.ones_like(C), b
+    "IPOT iterations with kernel `exp(-C/beta)`, in place on one buffer and with row-vector products; returns the plan."
+    shape, (n, m) = C.shape, C.shape[-2:]
+    K = torch.exp(-C / beta).reshape(-1, n, m)  # leading dimensions flattened into one batch for `bmm`
+    Q = K.clone()  # Q = K * T, with T = 1 at the start
+    a, b = a.reshape(-1, 1, n).contiguous(), b.reshape(-1, 1, m).contiguous()  # row vectors
+    dl, sig = torch.empty_like(a), b.clone()
+    Qt = Q.transpose(-1, -2)  # a view: follows Q's updates
+    for t in range(n_iter):
+        for _ in range(inner):
+            torch.div(a, torch.bmm(sig, Qt, out=dl), out=dl)  # delta = a / (Q sigma)
+            torch.div(b, torch.bmm(dl, Q, out=sig), out=sig)  # sigma = b / (Q^T delta)
+        Q.mul_(dl.transpose(-1, -2)).mul_(sig)  # T = diag(delta) Q diag(sigma)
+        if t < n_iter - 1: Q.mul_(K)  # the next Q = K * T
+    return Q.view(shape)
+
+def _ipot_plain_unrolled(C, a, b, beta, n_iter, inner):
+    "The same iterations out of place, so that autograd can differentiate through them (`unroll=True`)."
+    K, T, sig = torch.exp(-C / beta), torch.ones_like(C), b.unsqueeze(-2)
+    a, b = a.unsqueeze(-2), b.unsqueeze(-2)
     for _ in range(n_iter):
         Q = K * T
         for _ in range(inner):
-            dl = a / (Q @ sig.unsqueeze(-1)).squeeze(-1)
-            sig = b / (Q.transpose(-1, -2) @ dl.unsqueeze(-1)).squeeze(-1)
-        T = dl.unsqueeze(-1) * Q * sig.unsqueeze(-2)
+            dl = a / (sig @ Q.transpose(-1, -2))
+            sig = b / (dl @ Q)
+        T = dl.transpose(-1, -2) * Q * sig
     return T
 
 # %% ../nbs/03_ipot.ipynb #c7241031
@@ -96,6 +113,7 @@ def ipot(
     solve = _ipot_log if log_domain else _ipot_plain
     with torch.autocast(C.device.type, enabled=False):
         if unroll:
+            if solve is _ipot_plain: solve = _ipot_plain_unrolled
             plan = solve(C, _marginal(a, n, C, 'a'), _marginal(b, m, C, 'b'), beta, n_iter, inner)
         else:
             with torch.no_grad():

@@ -93,6 +93,21 @@ def test_non_uniform_weights_converge():
     assert abs(v.item() - ot.emd2(a.numpy(), b.numpy(), C.numpy())) < 1e-6
     assert torch.allclose(P.sum(-1), a, atol=1e-6) and torch.allclose(P.sum(-2), b, atol=1e-9)
 
+def test_in_place_loop_matches_unrolled_loop_and_pot():
+    "The in-place solver (no gradient) and the out-of-place one (unroll=True) are the same iterations; both reach POT's value."
+    g = torch.Generator().manual_seed(5)
+    C = torch.rand(2, 3, 6, 8, dtype=torch.float64, generator=g)  # leading dims, rectangular problems
+    a = torch.rand(2, 3, 6, dtype=torch.float64, generator=g) + 0.1; a /= a.sum(-1, keepdim=True)
+    b = torch.rand(8, dtype=torch.float64, generator=g) + 0.1; b /= b.sum()  # broadcast over the problems
+    for inner in (1, 3):
+        v, P = ipot(C, beta=0.05, n_iter=1500, inner=inner, a=a, b=b)
+        vu, Pu = ipot(C.clone().requires_grad_(), beta=0.05, n_iter=1500, inner=inner, a=a, b=b, unroll=True)
+        assert torch.allclose(P, Pu.detach(), rtol=1e-9, atol=1e-15)
+        for i in range(2):
+            for j in range(3):
+                ex = ot.emd2(a[i, j].numpy(), b.numpy(), C[i, j].numpy())
+                assert abs(v[i, j].item() - ex) < 1e-4 * ex  # IPOT is inexact: 1500 iterations reach ~1e-4 on these small random costs
+
 def test_batched_equals_one_by_one():
     C = torch.rand(2, 3, 10, 10)
     v, P = ipot(C)
