@@ -47,16 +47,13 @@ class _CosineCost(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, y, rx, ry, ix, iy, S = ctx.saved_tensors
-        gx = gy = None
+        def grad(x, y, g, gS_sums, ix, ry):  # x_i (sum_j g_ij S_ij) / |x_i|^2 - sum_j g_ij y_j / (|x_i| |y_j|)
+            return torch.baddbmm(x * (gS_sums * ix * ix).unsqueeze(-1), g * (ix.unsqueeze(-1) * ry.unsqueeze(-2)), y, alpha=-1)
         with torch.autocast(g.device.type, enabled=False):  # in float32 even when backward runs under autocast
             g = g.to(S.dtype)
             gS = g * S
-            if ctx.needs_input_grad[0]:  # x_i (sum_j g_ij S_ij) / |x_i|^2 - sum_j g_ij y_j / (|x_i| |y_j|)
-                A = g * (ix.unsqueeze(-1) * ry.unsqueeze(-2))
-                gx = torch.baddbmm(x * (gS.sum(-1) * ix * ix).unsqueeze(-1), A, y, alpha=-1)
-            if ctx.needs_input_grad[1]:  # the same with the roles of x and y swapped
-                A = g * (rx.unsqueeze(-1) * iy.unsqueeze(-2))
-                gy = torch.baddbmm(y * (gS.sum(-2) * iy * iy).unsqueeze(-1), A.transpose(-1, -2), x, alpha=-1)
+            gx = grad(x, y, g, gS.sum(-1), ix, ry) if ctx.needs_input_grad[0] else None
+            gy = grad(y, x, g.mT, gS.sum(-2), iy, rx) if ctx.needs_input_grad[1] else None  # the roles swapped
         return gx, gy, None
 
 # %% ../nbs/00_cost.ipynb #44cf9221
