@@ -46,22 +46,20 @@ class _REMD(torch.autograd.Function):
         vr, ir = C.min(-1)  # each row's cheapest column
         vc, ic = C.min(-2)  # each column's cheapest row
         r, c = vr.mean(-1), vc.mean(-1)
-        rows = r >= c
-        ctx.save_for_backward(ir, ic, rows)
+        ctx.save_for_backward(ir, ic, r, c)
         ctx.shape = C.shape
-        return torch.where(rows, r, c)
+        return torch.maximum(r, c)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        ir, ic, rows = ctx.saved_tensors
+        ir, ic, r, c = ctx.saved_tensors
         *lead, n, m = ctx.shape
-        G = g.new_zeros(*lead, n * m)
-        at_r = torch.arange(n, device=g.device) * m + ir  # flat positions (i, argmin_j C_ij)
-        at_c = ic * m + torch.arange(m, device=g.device)  # flat positions (argmin_i C_ij, j)
-        G.scatter_add_(-1, at_r, (g * rows / n).unsqueeze(-1).expand(at_r.shape))
-        G.scatter_add_(-1, at_c, (g * ~rows / m).unsqueeze(-1).expand(at_c.shape))
-        return G.view(ctx.shape)
+        gr = torch.where(r >= c, g, 0)  # the winning side gets the gradient; a tie goes to the rows (a valid subgradient)
+        G = g.new_zeros(ctx.shape)
+        G.scatter_add_(-1, ir.unsqueeze(-1), (gr / n)[..., None, None].expand(*lead, n, 1))  # at (i, argmin_j C_ij)
+        G.scatter_add_(-2, ic.unsqueeze(-2), ((g - gr) / m)[..., None, None].expand(*lead, 1, m))  # at (argmin_i C_ij, j)
+        return G
 
 def remd(
     C:Tensor, # cost matrices `(..., n, m)`
