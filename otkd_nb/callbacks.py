@@ -253,6 +253,8 @@ class KDCallback(DistillCallback):
     def compute(self, s_feats, t_feats, s_out, t_out): return self.kd(s_out, t_out)
 
 # %% ../nbs/06_callbacks.ipynb #94a3921c
+_CAPTURABLE = ('ipot', 'sinkhorn', 'remd')  # 'exact' solves on the CPU: it cannot run inside a CUDA graph
+
 class OTCallback(DistillCallback):
     "Feature-level OT distillation with any solver of `otkd_nb.losses.OT_SOLVERS`."
     term = 'ot'
@@ -263,18 +265,45 @@ class OTCallback(DistillCallback):
         teacher_layers:list|None=None, # teacher layers, as many as the student's
         solver:str='ipot', # 'ipot', 'remd', 'exact' or 'sinkhorn'
         ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        graph:bool|None=None, # replay the whole term (costs, solver, value; forward and backward) from CUDA graphs; None: on CUDA when the solver allows
         **solver_kwargs, # passed to the solver (e.g. `beta`, `n_iter`)
     ):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
+        if graph and solver not in _CAPTURABLE:
+            raise ValueError(f"graph=True: the {solver!r} solver runs on the CPU and cannot be captured in a CUDA graph; "
+                             f"pass graph=None or False (capturable solvers: {', '.join(_CAPTURABLE)}).")
+        self.graph, self._graphs = graph, {}
+        if solver in ('ipot', 'sinkhorn'): solver_kwargs['graph'] = False  # the whole term is graphed here, or nothing is
         self.ot = OTLoss(solver, check=False, **solver_kwargs)
 
     def build(self, s_shapes, t_shapes):
         if all(tuple(a) == tuple(b) for a, b in zip(s_shapes, t_shapes)): return None
         return nn.ModuleList([connector_for(a, b) for a, b in zip(s_shapes, t_shapes)])
 
+    def ot_term(self, s_feats:list, t_feats:list)->Tensor:
+        "`self.ot(s_feats, t_feats)`, replayed from CUDA graphs of its forward and backward when graphing is on."
+        feats = [*s_feats, *t_feats]
+        on_cuda = feats[0].is_cuda
+        if self.graph and not on_cuda:
+            raise RuntimeError(f"{type(self).__name__}(graph=True) needs CUDA features, got {feats[0].device}; pass graph=None to graph only on CUDA.")
+        if self.graph is False or not on_cuda or self.ot.solver not in _CAPTURABLE or not torch.is_grad_enabled() \
+           or not any(f.requires_grad for f in s_feats):
+            return self.ot(s_feats, t_feats)
+        key = tuple((tuple(f.shape), f.dtype, f.device, f.requires_grad) for f in feats)
+        if key not in self._graphs:  # capture: 3 warm-up runs and the capture itself, once per input signature
+            if len(self._graphs) >= 4: self._graphs.pop(next(iter(self._graphs)))
+            L, ot = len(s_feats), self.ot
+            sample = tuple(f.detach().clone().requires_grad_(f.requires_grad) for f in feats)
+            with torch.autocast('cuda', enabled=False):  # the term runs in float32 anyway; capture refuses autocast's cache
+                self._graphs[key] = torch.cuda.make_graphed_callables(lambda *fs: ot(list(fs[:L]), list(fs[L:])), sample)
+        return self._graphs[key](*feats).clone()  # the graph's output buffer is overwritten by the next replay
+
     def compute(self, s_feats, t_feats, s_out, t_out):
         if self.extras is not None: s_feats = [c(f) for c, f in zip(self.extras, s_feats)]
-        return self.ot(s_feats, t_feats)
+        return self.ot_term(s_feats, t_feats)
+
+    def __getstate__(self):  # CUDA graphs cannot be pickled (`learn.export`): they are captured again on first use
+        return {**self.__dict__, '_graphs': {}}
 
 # %% ../nbs/06_callbacks.ipynb #604ae9d4
 class IPOTCallback(OTCallback):
@@ -288,14 +317,15 @@ class IPOTCallback(OTCallback):
         beta:float=0.05, # IPOT's proximal step (see `otkd_nb.ipot`)
         n_iter:int=100, # IPOT iterations
         ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
-    ): super().__init__(teacher, weight, student_layers, teacher_layers, 'ipot', ce_weight, beta=beta, n_iter=n_iter)
+        graph:bool|None=None, # replay the term from CUDA graphs (see `OTCallback`); None: on CUDA
+    ): super().__init__(teacher, weight, student_layers, teacher_layers, 'ipot', ce_weight, graph, beta=beta, n_iter=n_iter)
 
 class REMDCallback(OTCallback):
     "OT distillation by the relaxed EMD, a lower bound on exact OT."
     term = 'remd'
     def __init__(self, teacher:nn.Module, weight:float=1.0, student_layers:list|None=None, teacher_layers:list|None=None,
-                 ce_weight:float|None=None):
-        super().__init__(teacher, weight, student_layers, teacher_layers, 'remd', ce_weight)
+                 ce_weight:float|None=None, graph:bool|None=None):
+        super().__init__(teacher, weight, student_layers, teacher_layers, 'remd', ce_weight, graph)
 
 class ExactOTCallback(OTCallback):
     "OT distillation by exact OT (an assignment problem per layer, solved on the CPU)."
@@ -308,8 +338,8 @@ class SinkhornCallback(OTCallback):
     "OT distillation by entropic Sinkhorn, for comparison."
     term = 'sinkhorn'
     def __init__(self, teacher:nn.Module, weight:float=1.0, student_layers:list|None=None, teacher_layers:list|None=None,
-                 reg:float=0.05, n_iter:int=100, ce_weight:float|None=None):
-        super().__init__(teacher, weight, student_layers, teacher_layers, 'sinkhorn', ce_weight, reg=reg, n_iter=n_iter)
+                 reg:float=0.05, n_iter:int=100, ce_weight:float|None=None, graph:bool|None=None):
+        super().__init__(teacher, weight, student_layers, teacher_layers, 'sinkhorn', ce_weight, graph, reg=reg, n_iter=n_iter)
 
 # %% ../nbs/06_callbacks.ipynb #74f8c64b
 def _last(model, role): return default_layers(model, role)[-1:]

@@ -140,7 +140,7 @@ class GlobalOT:
     "Mixin for an `OTCallback`: solve OT between the global batches (all processes' features), not each process's own."
     def compute(self, s_feats, t_feats, s_out, t_out):
         if self.extras is not None: s_feats = [c(f) for c, f in zip(self.extras, s_feats)]
-        return self.ot([gather_batch(f) for f in s_feats], [gather_batch(f) for f in t_feats])
+        return self.ot_term([gather_batch(f) for f in s_feats], [gather_batch(f) for f in t_feats])
 
 # %% ../nbs/09_train.ipynb #c47054da
 _CLASSES = {}

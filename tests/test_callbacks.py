@@ -1,7 +1,7 @@
 """The fastai rules of the distillation callbacks (DESIGN.md): teacher handling, hooks, errors, composition, mixed precision."""
 import warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')
-import pytest, torch
+import pickle, pytest, torch
 from torch import nn
 from fastai.learner import Learner
 from fastai.metrics import accuracy
@@ -9,6 +9,7 @@ from fastai.callback.tracker import SaveModelCallback
 from fastai.torch_core import set_seed
 from otkd_nb.callbacks import *
 from otkd_nb.callbacks import _CleanupOnError
+from otkd_nb.features import FeatureHooks
 
 @pytest.fixture(scope='module')
 def dls(): return synthetic_dls(n_train=256, n_valid=64, bs=32)
@@ -223,3 +224,38 @@ def test_sequential_student_with_connectors_fails_clearly(dls, teacher):
     seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     with pytest.raises(TypeError, match='wrap it in a module of its own'):
         Learner(dls, seq, loss_func=nn.CrossEntropyLoss(), cbs=IPOTCallback(teacher, student_layers=['3'], teacher_layers=['pool']))
+
+def test_graph_option_errors_and_pickling(dls, teacher):
+    with pytest.raises(ValueError, match='cannot be captured'): OTCallback(teacher, solver='exact', graph=True)
+    with pytest.raises(RuntimeError, match='needs CUDA features'): mk(dls, [IPOTCallback(teacher, graph=True)]).fit(1)
+    cb = IPOTCallback(teacher)
+    cb._graphs[('a shape',)] = lambda: None  # stands for a captured graph, which pickle cannot take either
+    cb2 = pickle.loads(pickle.dumps(cb))
+    assert cb2._graphs == {} and cb._graphs  # the copy captures again on first use; the original keeps its graphs
+    assert cb2.ot.solver_kwargs == cb.ot.solver_kwargs
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_graphed_term_in_training_cuda(teacher):
+    "Training with the OT term replayed from CUDA graphs: one capture, a term that falls, and on a training batch the same value and parameter gradients as the eager term."
+    t = teacher.cuda()
+    set_seed(1, reproducible=True)
+    dls = synthetic_dls(n_train=256, n_valid=64, bs=32).to(torch.device('cuda'))  # the batches on the GPU: the Learner follows them
+    learn = Learner(dls, TinyNet(8), loss_func=nn.CrossEntropyLoss(), cbs=[KDCallback(t), IPOTCallback(t)])
+    learn.fit(2, 1e-2)
+    cb, h = learn.ipot, torch.tensor(learn.ipot.history)
+    assert len(cb._graphs) == 1 and len(h) == 2 * len(dls.train) and torch.isfinite(h).all(), (len(cb._graphs), h)
+    assert h[-4:].mean() < h[:4].mean(), h  # the student learns the term
+    model, xb = learn.model.train(), dls.train.one_batch()[0]
+    out = []
+    for term in (cb.ot_term, cb.ot):  # replayed graphs, then the eager loss
+        model.zero_grad()
+        with FeatureHooks(model, cb.s_layers) as hs, FeatureHooks(t, cb.t_layers, detach=True) as ht:
+            model(xb)
+            with torch.no_grad(): t(xb)
+            v = term([c(f) for c, f in zip(cb.extras, hs.features)], list(ht.features))
+        v.backward()
+        out.append((v.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (v1, g1), (v2, g2) = out
+    assert torch.allclose(v1, v2, rtol=1e-5), (v1, v2)
+    assert len(g1) == len(g2) > 0
+    for a, b in zip(g1, g2): assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
