@@ -147,13 +147,17 @@ def bench_matvec(
     return rows
 
 # %% ../nbs/11_bench.ipynb #93644cec
+def _turn_order(items, r:int)->list:
+    "`items` in round `r` of measurements taken in turns: the order reversed every other round, so that none always goes first."
+    return list(items) if r % 2 == 0 else list(items)[::-1]
+
 def _in_turns(fs, device, rounds:int):
     "Median seconds per call of each function in `fs`, called in turns (the order reversed every other round) after two warm-up calls each."
     for f in fs: f(); f()
     _sync(device)
     ts = [[] for _ in fs]
     for r in range(rounds):
-        for i in (range(len(fs)) if r % 2 == 0 else reversed(range(len(fs)))):
+        for i in _turn_order(range(len(fs)), r):
             t = time.perf_counter(); fs[i](); _sync(device); ts[i].append(time.perf_counter() - t)
     return [statistics.median(t) for t in ts]
 
@@ -221,7 +225,7 @@ def bench_step(
             learners[m] = Learner(dls, get_model(sname), loss_func=nn.CrossEntropyLoss(), cbs=cbs())
         ts = {m: [] for m in methods}
         for r in range(rounds):
-            for m in (list(methods) if r % 2 == 0 else list(methods)[::-1]):  # alternate the order: no method always goes first
+            for m in _turn_order(methods, r):
                 timer = StepTimer()
                 with learners[m].no_bar(), learners[m].no_logging(): learners[m].fit(1, 0.01, cbs=timer)
                 ts[m] += timer.ts[1:]
