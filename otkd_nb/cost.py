@@ -67,6 +67,13 @@ def _prepare(x, y, check):
     dt = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
     return x.to(dt), y.to(dt)
 
+def _batched(x, y, check):
+    "`_prepare`, then both batches with one leading dimension for `bmm`: `(B, n, d)`, `(B, m, d)` and the broadcast leading shape."
+    x, y = _prepare(x, y, check)
+    lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    flat = lambda t: t.expand(*lead, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
+    return flat(x), flat(y), lead
+
 def cosine_cost(
     x:Tensor, # student features `(..., n, d)` or feature maps `(b, c, h, w)`
     y:Tensor, # teacher features `(..., m, d)` or feature maps, same feature size as `x`
@@ -75,10 +82,8 @@ def cosine_cost(
 )->Tensor: # `(..., n, m)` cosine costs in [0, 2], float32 or wider
     "Cosine cost `1 - cos(x_i, y_j)` between two batches, batched over leading dimensions."
     with torch.autocast(x.device.type, enabled=False):
-        x, y = _prepare(x, y, check)
-        lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
-        flat = lambda t: t.expand(*lead, *t.shape[-2:]).reshape(-1, *t.shape[-2:])  # one batch dimension for bmm
-        C = _CosineCost.apply(flat(x), flat(y), eps)
+        x, y, lead = _batched(x, y, check)
+        C = _CosineCost.apply(x, y, eps)
         return C.view(*lead, *C.shape[-2:]).clamp(0, 2)
 
 def cosine_cost_autograd(

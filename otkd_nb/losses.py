@@ -7,12 +7,13 @@ Docs: https://otkd-nb.github.io/otkd_nb/losses.html.md"""
 # %% ../nbs/04_losses.ipynb #beefc260
 from __future__ import annotations
 import inspect, math
+from functools import partial
 import torch, torch.nn.functional as F
 from torch import Tensor, nn
 from fastcore.basics import store_attr
 from .cost import cosine_cost
 from .exact import exact_ot
-from .remd import remd
+from .remd import remd, cosine_remd
 from .ipot import ipot, sinkhorn
 
 # %% auto #0
@@ -100,24 +101,30 @@ class OTLoss(nn.Module):
 
     def extra_repr(self): return ', '.join([repr(self.solver)] + [f'{k}={v!r}' for k, v in self.solver_kwargs.items()])
 
+    def _per_layer(self, f, student_feats, teacher_feats)->list:
+        "`f(x, y)` for each layer, on the student's features and the teacher's (detached) as `(b, d)` matrices."
+        pairs = _pairs(student_feats, teacher_feats)
+        bs = sorted({x.shape[0] for x, _ in pairs})
+        if len(bs) > 1: raise ValueError(f"All layers must have the same batch size, got {bs}.")
+        outs = [f(x.reshape(x.shape[0], -1), y.detach().reshape(y.shape[0], -1)) for x, y in pairs]
+        dt = outs[0].dtype
+        for o in outs[1:]: dt = torch.promote_types(dt, o.dtype)
+        return [o.to(dt) for o in outs]
+
     def cost(self,
         student_feats:Tensor|list, # `(b, ...)` features, or a list with one tensor per layer
         teacher_feats:Tensor|list, # the teacher's, same layers and batch size (detached here)
     )->Tensor: # `(L, b, b)` cosine costs, float32 or wider
         "The layers' cosine costs, stacked into one `(L, b, b)` tensor."
-        pairs = _pairs(student_feats, teacher_feats)
-        bs = sorted({x.shape[0] for x, _ in pairs})
-        if len(bs) > 1: raise ValueError(f"All layers must have the same batch size, got {bs}.")
-        Cs = [cosine_cost(x.reshape(x.shape[0], -1), y.detach().reshape(y.shape[0], -1), check=self.check) for x, y in pairs]
-        dt = Cs[0].dtype
-        for C in Cs[1:]: dt = torch.promote_types(dt, C.dtype)
-        return torch.stack([C.to(dt) for C in Cs])
+        return torch.stack(self._per_layer(partial(cosine_cost, check=self.check), student_feats, teacher_feats))
 
     def layer_values(self,
         student_feats:Tensor|list, # `(b, ...)` features, or a list with one tensor per layer
         teacher_feats:Tensor|list, # the teacher's, same layers and batch size (detached here)
     )->Tensor: # `(L,)` one OT value per layer
-        "The OT value of each layer, from one batched solver call."
+        "The OT value of each layer, from one batched solver call (REMD: one fused call per layer, see `cosine_remd`)."
+        if self.solver == 'remd':  # straight from the features: the b x b cost gradient is never formed
+            return torch.stack(self._per_layer(partial(cosine_remd, check=self.check), student_feats, teacher_feats))
         out = OT_SOLVERS[self.solver](self.cost(student_feats, teacher_feats), check=False, **self.solver_kwargs)
         return out[0] if isinstance(out, tuple) else out
 
