@@ -186,22 +186,30 @@ def bench_remd(
     return rows
 
 # %% ../nbs/11_bench.ipynb #d622acd4
+def _term_time(cb, student, teacher, xb, device)->float:
+    "Seconds for the forward+backward of a distillation callback's term alone, on the features of the batch `xb`."
+    from otkd_nb.features import FeatureHooks
+    with FeatureHooks(student, cb.s_layers) as hs, FeatureHooks(teacher, cb.t_layers, detach=True) as ht, torch.no_grad():
+        student(xb); teacher(xb)
+        s_feats, t_feats = [f.detach().requires_grad_() for f in hs.features], ht.features
+    return timeit(lambda: cb.compute(s_feats, t_feats, None, None).backward(), device)
+
 def bench_step(
     pairs=(('resnet32x4', 'resnet8x4'), ('resnet56', 'resnet20')), # (teacher, student) zoo names
     batch:int=64, # batch size
     steps:int=30, # timed steps per method, spread over the rounds
     device=None, # default: CUDA if available, else CPU
     progress:bool=True, # print a line per measurement
-    rounds:int=5, # the methods take turns this many times, so that a machine's drift hits them alike
+    rounds:int=10, # the methods take turns this many times, so that a machine's drift hits them alike
 )->list: # one dict per (pair, method)
-    "Time of one training step with KD, KD+REMD and KD+IPOT (and on CUDA both OT terms without CUDA graphs), as ratios to KD, measured in turns."
+    "Time of one training step with KD, KD+REMD and KD+IPOT (and on CUDA both OT terms without CUDA graphs) measured in turns; the ratio to KD is the median over the rounds of each round's ratio."
     from fastai.learner import Learner
     from fastai.data.core import DataLoaders
     from fastai.callback.core import Callback
     from fastai.callback.progress import ProgressCallback  # adds Learner.no_bar
     from torch.utils.data import TensorDataset
     from otkd_nb.models import get_model
-    from otkd_nb.callbacks import KDCallback, REMDCallback, IPOTCallback
+    from otkd_nb.callbacks import KDCallback, REMDCallback, IPOTCallback, OTCallback
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     class StepTimer(Callback):
         order = 100
@@ -229,17 +237,21 @@ def bench_step(
         for m, cbs in methods.items():
             torch.manual_seed(0)
             learners[m] = Learner(dls, get_model(sname), loss_func=nn.CrossEntropyLoss(), cbs=cbs())
-        ts = {m: [] for m in methods}
+        ts = {m: [] for m in methods}  # per method, the timed steps of each round
         for r in range(rounds):
             for m in _turn_order(methods, r):
                 timer = StepTimer()
                 with learners[m].no_bar(), learners[m].no_logging(): learners[m].fit(1, 0.01, cbs=timer)
-                ts[m] += timer.ts[1:]
-        base = statistics.median(ts['KD'])
+                ts[m].append(timer.ts[1:])
         for m in methods:
-            t = statistics.median(ts[m])
-            rows.append(dict(pair=f'{tname} -> {sname}', method=m, batch=batch, step_ms=1e3 * t, ratio=t / base))
-            if progress: print(f"{tname} -> {sname} {m:8s} {1e3 * t:8.1f} ms/step  x{t / base:.3f}", flush=True)
+            t = statistics.median([s for steps in ts[m] for s in steps])
+            per_round = [statistics.median(a) / statistics.median(k) for a, k in zip(ts[m], ts['KD'])]
+            ot = next((c for c in learners[m].cbs if isinstance(c, OTCallback)), None)
+            term = _term_time(ot, learners[m].model, teacher, ds.tensors[0][:batch].to(device), device) if ot else float('nan')
+            lo, hi = (statistics.quantiles(per_round, n=4, method='inclusive')[::2] if len(per_round) > 1 else per_round * 2)
+            rows.append(dict(pair=f'{tname} -> {sname}', method=m, batch=batch, step_ms=1e3 * t, ratio=statistics.median(per_round),
+                             ratio_q1=lo, ratio_q3=hi, term_ms=1e3 * term))
+            if progress: print(f"{tname} -> {sname} {m:8s} {1e3 * t:8.1f} ms/step  x{rows[-1]['ratio']:.3f}  term {1e3 * term:.1f} ms", flush=True)
     return rows
 
 # %% ../nbs/11_bench.ipynb #bde89ccf
@@ -307,7 +319,9 @@ def report(solver_rows, step_rows, machine, matvec_rows=(), remd_rows=())->str:
         lines += ['', '### Matrix-vector products (microseconds; `bmm(Q, v)` with a column vector against the same product as `bmm(v, Q.mT)` with a row)', '',
                   _md_table(matvec_rows, ['b', 'L', 'column_us', 'row_us', 'ratio'])]
     if step_rows:
-        lines += ['', '### Training step (milliseconds per step)', '', _md_table(step_rows, ['pair', 'method', 'batch', 'step_ms', 'ratio'])]
+        keys = ['pair', 'method', 'batch', 'step_ms', 'ratio'] + (['ratio_q1', 'ratio_q3', 'term_ms'] if 'term_ms' in step_rows[0] else [])
+        lines += ['', '### Training step (milliseconds per step; ratio to KD: median over the rounds, with the quartiles of the rounds; '
+                  'term_ms: the OT term alone, forward+backward on one batch\'s features)', '', _md_table(step_rows, keys)]
     return '\n'.join(lines) + '\n'
 
 def _write_atomic(path:Path, text:str):
@@ -326,7 +340,7 @@ def main(argv=None):
     p.add_argument('--width', type=int, default=256, help='feature width d of the solver benchmark')
     p.add_argument('--repeat', type=int, default=5, help='timed repeats per measurement at least (median); fast calls are repeated until 0.1 s is timed, at most 200 times')
     p.add_argument('--steps', type=int, default=30, help='timed training steps per method (median)')
-    p.add_argument('--rounds', type=int, default=5, help='the training-step methods take turns this many times (drift hits them alike)')
+    p.add_argument('--rounds', type=int, default=10, help='the training-step methods take turns this many times (drift hits them alike)')
     p.add_argument('--skip', choices=['solvers', 'remd', 'matvec', 'step'], action='append', default=[], help='skip a part (repeatable)')
     p.add_argument('--quick', action='store_true', help='small sizes, one pair, few repeats: a smoke test in about a minute')
     p.add_argument('--out', default='bench_results', help='folder for results_<device>.json and .md')
