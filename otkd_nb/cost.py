@@ -32,13 +32,17 @@ def flatten_features(
     return x
 
 # %% ../nbs/00_cost.ipynb #25a7c0b1
+def _cosines(x, y, eps):
+    "Norms `(B, n)`, `(B, m)`, their clamped reciprocals `1 / max(|v|, eps)` and the cosines `(B, n, m)` of `(B, n, d)` and `(B, m, d)` batches."
+    nx, ny = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
+    rx, ry = nx.clamp_min(eps).reciprocal_(), ny.clamp_min(eps).reciprocal_()
+    return nx, ny, rx, ry, torch.bmm(x, y.mT).mul_(rx.unsqueeze(-1)).mul_(ry.unsqueeze(-2))
+
 class _CosineCost(torch.autograd.Function):
     "`1 - cos(x_i, y_j)` on `(B, n, d)` and `(B, m, d)`: one product forward, one per side backward, no feature-sized temporaries."
     @staticmethod
     def forward(ctx, x, y, eps):
-        nx, ny = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)  # (B, n), (B, m)
-        rx, ry = nx.clamp_min(eps).reciprocal_(), ny.clamp_min(eps).reciprocal_()  # 1 / max(|v|, eps)
-        S = torch.bmm(x, y.transpose(-1, -2)).mul_(rx.unsqueeze(-1)).mul_(ry.unsqueeze(-2))  # cosines
+        nx, ny, rx, ry, S = _cosines(x, y, eps)
         ix, iy = rx * (nx >= eps), ry * (ny >= eps)  # the same, but 0 for (near-)zero vectors: they get no gradient
         ctx.save_for_backward(x, y, rx, ry, ix, iy, S)
         return 1 - S

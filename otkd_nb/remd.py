@@ -8,7 +8,7 @@ Docs: https://otkd-nb.github.io/otkd_nb/remd.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .cost import check_cost, _batched
+from .cost import check_cost, _batched, _cosines
 
 # %% auto #0
 __all__ = ['row_relaxation', 'col_relaxation', 'remd_autograd', 'remd', 'cosine_remd']
@@ -80,9 +80,7 @@ class _CosineREMD(torch.autograd.Function):
     "REMD of the cosine costs of `(B, n, d)` and `(B, m, d)` features: keeps each row's and column's best match, gathers the matched features backward."
     @staticmethod
     def forward(ctx, x, y, eps):
-        nx, ny = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
-        rx, ry = nx.clamp_min(eps).reciprocal_(), ny.clamp_min(eps).reciprocal_()  # as in `cosine_cost`
-        S = torch.bmm(x, y.mT).mul_(rx.unsqueeze(-1)).mul_(ry.unsqueeze(-2))  # cosines: the smallest cost is the largest cosine
+        nx, ny, rx, ry, S = _cosines(x, y, eps)  # as in `cosine_cost`; the smallest cost is the largest cosine
         sr, jr = S.max(-1)  # each row's nearest column
         sc, ic = S.max(-2)  # each column's nearest row
         r, c = 1 - sr.mean(-1), 1 - sc.mean(-1)
