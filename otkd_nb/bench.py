@@ -17,8 +17,8 @@ from .remd import remd, remd_autograd, cosine_remd
 from .ipot import ipot, sinkhorn
 
 # %% auto #0
-__all__ = ['SOLVERS', 'FUSED', 'REFERENCES', 'timeit', 'bench_solvers', 'fit_exponent', 'bench_matvec', 'bench_remd',
-           'bench_step', 'report', 'main']
+__all__ = ['SOLVERS', 'COMPILED', 'FUSED', 'REFERENCES', 'timeit', 'bench_solvers', 'fit_exponent', 'bench_matvec', 'bench_remd',
+           'bench_pot', 'bench_step', 'report', 'main']
 
 # %% ../nbs/11_bench.ipynb #b41cf294
 def _sync(device):
@@ -76,6 +76,10 @@ SOLVERS = {
     'ipot beta 0.02, 50 it. (log)': lambda C: ipot(C, beta=0.02, n_iter=50, check=False)[0],
     'sinkhorn reg 0.05, 100 it.': lambda C: sinkhorn(C, check=False)[0],
 }
+COMPILED = {  # CPU only: the loop fused by `torch.compile` (see `otkd_nb.ipot`); the first call compiles, `first_ms` shows it
+    'ipot compiled (defaults, compile=True)': lambda C: ipot(C, check=False, compile=True)[0],
+    'ipot compiled beta 0.02, 50 it. (log)': lambda C: ipot(C, beta=0.02, n_iter=50, check=False, compile=True)[0],
+}
 FUSED = {  # solvers that start from the features and compute the costs themselves
     'cosine_remd (REMD fused with the cost)': lambda x, y: cosine_remd(x, y, check=False),
 }
@@ -94,8 +98,8 @@ def bench_solvers(
     repeat:int=5, # timed repeats per measurement
     progress:bool=True, # print a line per measurement
 )->list: # one dict per (method, b, L)
-    "Time and accuracy of our solvers and the POT/SciPy references, forward and forward+backward."
-    rows = []
+    "Time and accuracy of our solvers and the POT/SciPy references, forward and forward+backward; `first_ms`: the first call, compilation included."
+    rows, solvers = [], SOLVERS | (COMPILED if torch.device(device).type == 'cpu' else {})
     for L in layers:
         for b in sizes:
             x, y = _features(b, d, L, device)
@@ -106,23 +110,23 @@ def bench_solvers(
             xg = x.clone().requires_grad_()
             def cost_fb(): cosine_cost(xg, y, check=False).sum().backward()
             t_cost_fb = timeit(cost_fb, device, repeat)
-            rows.append(dict(method='cosine cost alone', b=b, L=L, fwd_ms=1e3 * t_cost, fwdbwd_ms=1e3 * t_cost_fb, rel_err=0.0))
+            rows.append(dict(method='cosine cost alone', b=b, L=L, fwd_ms=1e3 * t_cost, fwdbwd_ms=1e3 * t_cost_fb, rel_err=0.0, first_ms=float('nan')))
             def ref_fb(): cosine_cost_autograd(xg, y, check=False).sum().backward()
-            rows.append(dict(method='cosine cost, autograd through the formula', b=b, L=L, rel_err=0.0,
+            rows.append(dict(method='cosine cost, autograd through the formula', b=b, L=L, rel_err=0.0, first_ms=float('nan'),
                              fwd_ms=1e3 * timeit(lambda: cosine_cost_autograd(x, y, check=False), device, repeat), fwdbwd_ms=1e3 * timeit(ref_fb, device, repeat)))
-            from_features = {name: (lambda x, y, f=f: f(cosine_cost(x, y, check=False))) for name, f in SOLVERS.items()} | FUSED
+            from_features = {name: (lambda x, y, f=f: f(cosine_cost(x, y, check=False))) for name, f in solvers.items()} | FUSED
             for name, f in from_features.items():
-                v = f(x, y).double().cpu().numpy()
+                t = time.perf_counter(); v = f(x, y).double().cpu().numpy(); first = time.perf_counter() - t
                 t_f = timeit(lambda: f(x, y), device, repeat)
                 def fb(): f(xg, y).sum().backward()
                 t_fb = timeit(fb, device, repeat)
                 rows.append(dict(method=name, b=b, L=L, fwd_ms=1e3 * t_f, fwdbwd_ms=1e3 * t_fb,
-                                 rel_err=float(np.max(np.abs(v - ex) / ex))))
+                                 rel_err=float(np.max(np.abs(v - ex) / ex)), first_ms=1e3 * first))
                 if progress: print(f"L={L} b={b:5d} {name:40s} fwd {rows[-1]['fwd_ms']:9.2f} ms  fwd+bwd {rows[-1]['fwdbwd_ms']:9.2f} ms  err {rows[-1]['rel_err']:.1e}", flush=True)
             for name, f in REFERENCES.items():
-                v = np.array(f(Cn))
+                t = time.perf_counter(); v = np.array(f(Cn)); first = time.perf_counter() - t
                 t = timeit(lambda: f(C.double().cpu().numpy()), 'cpu', repeat)
-                rows.append(dict(method=name, b=b, L=L, fwd_ms=1e3 * t, fwdbwd_ms=float('nan'), rel_err=float(np.max(np.abs(v - ex) / ex))))
+                rows.append(dict(method=name, b=b, L=L, fwd_ms=1e3 * t, fwdbwd_ms=float('nan'), rel_err=float(np.max(np.abs(v - ex) / ex)), first_ms=1e3 * first))
                 if progress: print(f"L={L} b={b:5d} {name:40s} fwd {rows[-1]['fwd_ms']:9.2f} ms  err {rows[-1]['rel_err']:.1e}", flush=True)
     return rows
 
@@ -183,6 +187,24 @@ def bench_remd(
                                                 lambda: remd(cosine_cost(xg, y, check=False)).sum().backward()], device, rounds)
             rows.append(dict(b=b, L=L, cost_ms=1e3 * t_cost, remd_ms=1e3 * t_remd, ratio=t_remd / t_cost,
                              composed_ms=1e3 * t_comp, composed_ratio=t_comp / t_cost))
+    return rows
+
+# %% ../nbs/11_bench.ipynb #eb3cc024
+def bench_pot(
+    sizes=(64, 128, 256, 512, 1024), # batch sizes b
+    L:int=4, # stacked layers
+    d:int=256, # feature width
+    device='cpu', # where IPOT runs (POT runs on the CPU)
+    rounds:int=20, # calls of each solver, taken in turns
+)->list: # one dict per b
+    "IPOT at its defaults (and, on the CPU, compiled) against POT's `ot.emd2` looped over `L` layers, timed in turns: the speed target's ratios."
+    rows, cpu = [], torch.device(device).type == 'cpu'
+    for b in sizes:
+        C = cosine_cost(*_features(b, d, L, device))
+        fs = [lambda: _pot_emd(C.double().cpu().numpy()), lambda: ipot(C, check=False)] + ([lambda: ipot(C, check=False, compile=True)] if cpu else [])
+        t_pot, t_ipot, *t_comp = _in_turns(fs, device, rounds)
+        rows.append(dict(b=b, L=L, pot_ms=1e3 * t_pot, ipot_ms=1e3 * t_ipot, ratio=t_pot / t_ipot))
+        if cpu: rows[-1].update(compiled_ms=1e3 * t_comp[0], compiled_ratio=t_pot / t_comp[0])
     return rows
 
 # %% ../nbs/11_bench.ipynb #d622acd4
@@ -261,7 +283,7 @@ def _machine(device):
     return dict(device=str(d), name=name, cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 pot=ot.__version__, python=platform.python_version())
 
-def _targets(solver_rows, step_rows, remd_rows=(), ipot_name='ipot (defaults: beta 0.05, 100 it.)'):
+def _targets(solver_rows, step_rows, remd_rows=(), pot_rows=(), ipot_name='ipot (defaults: beta 0.05, 100 it.)'):
     "The targets of the benchmark, each with the measured value and whether it is met."
     out = []
     ip = [r for r in solver_rows if r['method'] == ipot_name]
@@ -276,7 +298,12 @@ def _targets(solver_rows, step_rows, remd_rows=(), ipot_name='ipot (defaults: be
             rm = {r['b']: r for r in solver_rows if r['method'] == 'remd' and r['L'] == L}
             worst = max(rm[b]['fwdbwd_ms'] / cost[b]['fwdbwd_ms'] for b in rm)
             out.append((f'REMD fwd+bwd at most 1.5x the cosine cost fwd+bwd (L={L}, worst b, solver table)', worst, worst <= 1.5))
-    big = [r for r in solver_rows if r['L'] == 4 and r['b'] >= 128]
+    for r in pot_rows:  # timed in turns (`bench_pot`)
+        if r['L'] == 4 and r['b'] >= 128:
+            out.append((f"IPOT faster than POT emd2 over 4 layers, b={r['b']}, in turns (POT time / IPOT time)", r['ratio'], r['ratio'] > 1))
+            if 'compiled_ratio' in r:
+                out.append((f"IPOT with compile=True faster than POT emd2 over 4 layers, b={r['b']}, in turns", r['compiled_ratio'], r['compiled_ratio'] > 1))
+    big = [r for r in solver_rows if r['L'] == 4 and r['b'] >= 128] if not pot_rows else []  # older results: from the solver table
     for b in sorted({r['b'] for r in big}):
         t_ip = next(r['fwd_ms'] for r in big if r['b'] == b and r['method'] == ipot_name)
         t_pot = next(r['fwd_ms'] for r in big if r['b'] == b and r['method'] == 'POT ot.emd2 (looped)')
@@ -287,17 +314,17 @@ def _targets(solver_rows, step_rows, remd_rows=(), ipot_name='ipot (defaults: be
 
 def _md_table(rows, keys):
     fmt = lambda v: (f'{v:.3g}' if isinstance(v, float) else str(v))
-    return '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] + ['| ' + ' | '.join(fmt(r[k]) for k in keys) + ' |' for r in rows])
+    return '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] + ['| ' + ' | '.join(fmt(r.get(k, math.nan)) for k in keys) + ' |' for r in rows])
 
-def report(solver_rows, step_rows, machine, matvec_rows=(), remd_rows=())->str:
-    "The benchmark as markdown: machine, targets, solver table, scaling exponents, REMD in turns, matrix-vector products, step table."
+def report(solver_rows, step_rows, machine, matvec_rows=(), remd_rows=(), pot_rows=())->str:
+    "The benchmark as markdown: machine, targets, solver table, scaling exponents, REMD and IPOT against POT in turns, matrix-vector products, step table."
     lines = [f"Machine: {machine['name']} ({machine['device']}), {machine['cpus']} CPUs, {machine['torch_threads']} torch threads; "
              f"torch {machine['torch']}, POT {machine['pot']}, Python {machine['python']}.", '', '### Targets', '',
              '| target | measured | met |', '|---|---|---|']
-    lines += [f'| {t} | {v:.3g} | {"yes" if ok else "**no**"} |' for t, v, ok in _targets(solver_rows, step_rows, remd_rows)]
+    lines += [f'| {t} | {v:.3g} | {"yes" if ok else "**no**"} |' for t, v, ok in _targets(solver_rows, step_rows, remd_rows, pot_rows)]
     if solver_rows:
-        lines += ['', '### Solvers (milliseconds; relative error against exact OT)', '',
-                  _md_table(solver_rows, ['method', 'b', 'L', 'fwd_ms', 'fwdbwd_ms', 'rel_err'])]
+        lines += ['', '### Solvers (milliseconds; relative error against exact OT; first_ms: the first call, compilation included)', '',
+                  _md_table(solver_rows, ['method', 'b', 'L', 'fwd_ms', 'fwdbwd_ms', 'rel_err'] + (['first_ms'] if 'first_ms' in solver_rows[0] else []))]
         lines += ['', '### Scaling exponents (time ~ b^k, forward, L=1 and L=4)', '', '| method | k (L=1) | k (L=4) |', '|---|---|---|']
         for m in dict.fromkeys(r['method'] for r in solver_rows):
             ks = []
@@ -315,6 +342,10 @@ def report(solver_rows, step_rows, machine, matvec_rows=(), remd_rows=())->str:
         keys = ['b', 'L', 'cost_ms', 'remd_ms', 'ratio'] + (['composed_ms', 'composed_ratio'] if 'composed_ms' in remd_rows[0] else [])
         lines += ['', '### REMD against the cosine cost alone (forward+backward, milliseconds, timed in turns; remd: `cosine_remd`, '
                   'the fused form the losses use; composed: `remd(cosine_cost(...))`)', '', _md_table(remd_rows, keys)]
+    if pot_rows:
+        keys = ['b', 'L', 'pot_ms', 'ipot_ms', 'ratio'] + (['compiled_ms', 'compiled_ratio'] if 'compiled_ms' in pot_rows[0] else [])
+        lines += ['', '### IPOT against POT\'s exact solver (milliseconds, timed in turns; ratio: POT time / IPOT time; compiled: `ipot(..., compile=True)`)', '',
+                  _md_table(pot_rows, keys)]
     if matvec_rows:
         lines += ['', '### Matrix-vector products (microseconds; `bmm(Q, v)` with a column vector against the same product as `bmm(v, Q.mT)` with a row)', '',
                   _md_table(matvec_rows, ['b', 'L', 'column_us', 'row_us', 'ratio'])]
@@ -332,7 +363,7 @@ def _write_atomic(path:Path, text:str):
 def main(argv=None):
     "Command line: run the benchmarks and write JSON and markdown results."
     p = argparse.ArgumentParser(prog='otkd-bench', description='Benchmark the OT solvers against POT and SciPy, and the '
-        'training-step overhead of REMD and IPOT over KD, REMD against the cosine cost in turns, and the two ways of writing IPOT\'s matrix-vector products. Timings are medians, reported as ratios measured in the same run.',
+        'training-step overhead of REMD and IPOT over KD, REMD against the cosine cost and IPOT against POT in turns, and the two ways of writing IPOT\'s matrix-vector products. Timings are medians, reported as ratios measured in the same run.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device of our solvers and of training')
     p.add_argument('--sizes', default='64,128,256,512,1024', help='batch sizes b, comma-separated')
@@ -341,7 +372,7 @@ def main(argv=None):
     p.add_argument('--repeat', type=int, default=5, help='timed repeats per measurement at least (median); fast calls are repeated until 0.1 s is timed, at most 200 times')
     p.add_argument('--steps', type=int, default=30, help='timed training steps per method (median)')
     p.add_argument('--rounds', type=int, default=10, help='the training-step methods take turns this many times (drift hits them alike)')
-    p.add_argument('--skip', choices=['solvers', 'remd', 'matvec', 'step'], action='append', default=[], help='skip a part (repeatable)')
+    p.add_argument('--skip', choices=['solvers', 'remd', 'pot', 'matvec', 'step'], action='append', default=[], help='skip a part (repeatable)')
     p.add_argument('--quick', action='store_true', help='small sizes, one pair, few repeats: a smoke test in about a minute')
     p.add_argument('--out', default='bench_results', help='folder for results_<device>.json and .md')
     a = p.parse_args(argv)
@@ -350,16 +381,17 @@ def main(argv=None):
     pairs = (('resnet20', 'resnet8'),) if a.quick else (('resnet32x4', 'resnet8x4'), ('resnet56', 'resnet20'))
     machine, dev = _machine(a.device), torch.device(a.device).type
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    def save(solver_rows, step_rows, matvec_rows=(), remd_rows=()):  # after each part, so a failure later keeps what was measured
+    def save(solver_rows, step_rows, matvec_rows=(), remd_rows=(), pot_rows=()):  # after each part, so a failure later keeps what was measured
         _write_atomic(out / f'results_{dev}.json', json.dumps(dict(machine=machine, solvers=solver_rows, step=step_rows, matvec=list(matvec_rows),
-                                                                   remd=list(remd_rows)), indent=1))
-        md = report(solver_rows, step_rows, machine, matvec_rows, remd_rows)
+                                                                   remd=list(remd_rows), pot=list(pot_rows)), indent=1))
+        md = report(solver_rows, step_rows, machine, matvec_rows, remd_rows, pot_rows)
         _write_atomic(out / f'results_{dev}.md', md)
         return md
     solver_rows = [] if 'solvers' in a.skip else bench_solvers(sizes, layers, a.width, a.device, 3 if a.quick else a.repeat)
     remd_rows = [] if 'remd' in a.skip else bench_remd(sizes, layers, a.width, a.device, 10 if a.quick else 40)
+    pot_rows = [] if 'pot' in a.skip else bench_pot(sizes, 4, a.width, a.device, 3 if a.quick else 20)
     matvec_rows = [] if 'matvec' in a.skip else bench_matvec(sizes, device=a.device, repeat=10 if a.quick else 50)
-    save(solver_rows, [], matvec_rows, remd_rows)
+    save(solver_rows, [], matvec_rows, remd_rows, pot_rows)
     step_rows = [] if 'step' in a.skip else bench_step(pairs, 16 if a.quick else 64, 3 if a.quick else a.steps, a.device, rounds=a.rounds)
-    print(save(solver_rows, step_rows, matvec_rows, remd_rows))
+    print(save(solver_rows, step_rows, matvec_rows, remd_rows, pot_rows))
     return 0

@@ -11,7 +11,7 @@ from torch import Tensor
 from .cost import check_cost, _check_finite
 
 # %% auto #0
-__all__ = ['LOG_DOMAIN_BELOW', 'ipot', 'sinkhorn']
+__all__ = ['LOG_DOMAIN_BELOW', 'UNROLL', 'ipot', 'sinkhorn']
 
 # %% ../nbs/03_ipot.ipynb #5b017d69
 LOG_DOMAIN_BELOW = {torch.float32: 0.05, torch.float64: 0.01}
@@ -91,6 +91,73 @@ def _graph_solve(solve, C, a, b, beta, n_iter, inner):
     graph.replay()
     return out.clone()
 
+# %% ../nbs/03_ipot.ipynb #b24821e6
+UNROLL = 10  # iterations per trip of the compiled loop
+
+def _repeat(f, n, state:tuple, unroll:int=UNROLL)->tuple:
+    "`f` applied `n` times (a 0-d tensor) to the tuple `state`: `unroll` applications per trip of a `torch.while_loop`, then one per trip for the rest."
+    def chunk(i, *s):
+        for _ in range(unroll): s = f(*s)
+        return (i + unroll, *s)
+    i = torch.zeros_like(n)
+    if unroll > 1: i, *state = torch.while_loop(lambda i, *s: i + unroll <= n, chunk, (i, *state))
+    _, *state = torch.while_loop(lambda i, *s: i < n, lambda i, *s: (i + 1, *f(*s)), (i, *state))
+    return tuple(state)
+
+def _sweeps(sweep, inner, state:tuple)->tuple:
+    "`inner` Sinkhorn sweeps: written out when `inner` is an int (a few), in a loop when it is a 0-d tensor (many)."
+    if isinstance(inner, int):
+        for _ in range(inner): state = sweep(*state)
+        return state
+    return _repeat(sweep, inner, (torch.empty_like(state[0]), *state[1:]))  # a fresh buffer: loop state must not alias an input
+
+def _ipot_plain_fused(K, a, b, n_iter, inner):
+    "The plain iterations for `torch.compile`: `K` `(B, n, m)`, row vectors `a` `(B, 1, n)` and `b` `(B, 1, m)`, `n_iter` a 0-d tensor, `inner` as for `_sweeps`."
+    def step(Q, sig):  # Sinkhorn sweeps on Q, then T = diag(delta) Q diag(sigma)
+        def sweep(dl, sig):
+            dl = a / torch.bmm(sig, Q.transpose(-1, -2))
+            return dl, b / torch.bmm(dl, Q)
+        dl, sig = _sweeps(sweep, inner, (a, sig))
+        return Q * dl.transpose(-1, -2) * sig, sig
+    def prox(Q, sig):  # one proximal step: the next Q = K * T
+        T, sig = step(Q, sig)
+        return K * T, sig
+    Q, sig = _repeat(prox, n_iter - 1, (K.clone(), b.clone()), UNROLL if isinstance(inner, int) else 1)
+    return step(Q, sig)[0]
+
+def _ipot_log_fused(M, la, lb, n_iter, inner):
+    "The log-domain iterations for `torch.compile`: `M = -C/beta` `(B, n, m)`, log weights `la` `(B, n)` and `lb` `(B, m)`."
+    def step(lQ, ls):
+        def sweep(ld, ls):
+            ld = la - torch.logsumexp(lQ + ls.unsqueeze(-2), -1)
+            return ld, lb - torch.logsumexp(lQ + ld.unsqueeze(-1), -2)
+        ld, ls = _sweeps(sweep, inner, (la, ls))
+        return lQ + ld.unsqueeze(-1) + ls.unsqueeze(-2), ls  # log T
+    def prox(lQ, ls):
+        lT, ls = step(lQ, ls)
+        return M + lT, ls
+    lQ, ls = _repeat(prox, n_iter - 1, (M.clone(), lb.clone()), UNROLL if isinstance(inner, int) else 1)
+    return step(lQ, ls)[0].exp()
+
+_COMPILED = {}
+
+def _check_compilable(C, unroll:bool):
+    if unroll: raise ValueError("compile=True fuses the loop without autograd; it cannot be combined with unroll=True.")
+    if C.device.type != 'cpu':
+        raise ValueError(f"compile=True fuses the loop on the CPU, got a cost on {C.device}; "
+                         "on CUDA leave compile=False: graph=True (the default there) replays the loop as one CUDA graph.")
+    if not hasattr(torch, 'while_loop'): raise ValueError(f"compile=True needs torch.while_loop, which torch {torch.__version__} lacks; upgrade torch or leave compile=False.")
+
+def _compiled_solve(log:bool, C, a, b, beta, n_iter, inner):
+    "Solve with the loop compiled by `torch.compile` (once per shape and dtype, then reused); returns the plan."
+    if log not in _COMPILED: _COMPILED[log] = torch.compile(_ipot_log_fused if log else _ipot_plain_fused, fullgraph=True, dynamic=False)
+    shape, (n, m) = C.shape, C.shape[-2:]
+    C, counts = C.reshape(-1, n, m), (torch.tensor(n_iter), inner if inner <= UNROLL else torch.tensor(inner))
+    with torch._dynamo.config.patch(recompile_limit=64):  # each shape, dtype and written-out sweep count compiles once
+        if log: plan = _COMPILED[log](-C / beta, a.log().reshape(-1, n), b.log().reshape(-1, m), *counts)
+        else: plan = _COMPILED[log](torch.exp(-C / beta), a.reshape(-1, 1, n).contiguous(), b.reshape(-1, 1, m).contiguous(), *counts)
+    return plan.view(shape)
+
 # %% ../nbs/03_ipot.ipynb #6850f4e9
 def ipot(
     C:Tensor, # cost matrices `(..., n, m)`
@@ -103,10 +170,12 @@ def ipot(
     unroll:bool=False, # differentiate through the iterations instead of the envelope gradient `plan`
     check:bool=True, # reject NaN/Inf in `C` (one host sync before the loop)
     graph:bool|None=None, # replay a CUDA graph of the loop; None: on CUDA when not `unroll`
+    compile:bool=False, # CPU: fuse the loop with `torch.compile` (seconds to compile per shape, then several times faster)
 )->tuple: # `(value (...,), plan (..., n, m))`, plan detached unless `unroll`
     "Inexact proximal point OT: value and plan, batched over leading dimensions."
     if beta <= 0: raise ValueError(f"`beta` must be > 0, got {beta}.")
     if n_iter < 1 or inner < 1: raise ValueError(f"`n_iter` and `inner` must be >= 1, got {n_iter} and {inner}.")
+    if compile: _check_compilable(C, unroll)
     C = check_cost(C, check)
     n, m = C.shape[-2:]
     if log_domain is None: log_domain = beta < LOG_DOMAIN_BELOW.get(C.dtype, 0.05)
@@ -119,8 +188,10 @@ def ipot(
             with torch.no_grad():
                 Cd = C.detach()
                 args = (Cd, _marginal(a, n, Cd, 'a'), _marginal(b, m, Cd, 'b'), beta, n_iter, inner)
-                if graph is None: graph = Cd.is_cuda
-                plan = _graph_solve(solve, *args) if graph else solve(*args)
+                if compile: plan = _compiled_solve(log_domain, *args)
+                else:
+                    if graph is None: graph = Cd.is_cuda
+                    plan = _graph_solve(solve, *args) if graph else solve(*args)
         return (plan * C).sum((-2, -1)), plan
 
 # %% ../nbs/03_ipot.ipynb #e9adfeca
@@ -134,6 +205,7 @@ def sinkhorn(
     unroll:bool=False, # differentiate through the iterations instead of the envelope gradient `plan`
     check:bool=True, # reject NaN/Inf in `C`
     graph:bool|None=None, # replay a CUDA graph of the loop; None: on CUDA when not `unroll`
+    compile:bool=False, # CPU: fuse the loop with `torch.compile`, as for `ipot`
 )->tuple: # `(value (...,), plan (..., n, m))`; value is `<plan, C>` without the entropy term
     "Entropic OT by Sinkhorn sweeps: one IPOT step from the uniform plan with `n_iter` inner sweeps."
-    return ipot(C, beta=reg, n_iter=1, inner=n_iter, a=a, b=b, log_domain=log_domain, unroll=unroll, check=check, graph=graph)
+    return ipot(C, beta=reg, n_iter=1, inner=n_iter, a=a, b=b, log_domain=log_domain, unroll=unroll, check=check, graph=graph, compile=compile)

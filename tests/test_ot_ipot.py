@@ -153,3 +153,32 @@ def test_cuda_graph_matches_eager_without_sync():
         assert torch.allclose(v0, v1, rtol=1e-6) and torch.allclose(P0, P1, atol=1e-7)
         v2, _ = ipot(C * 0.5, beta=beta, check=False)  # the same graph, new input
         assert torch.allclose(v2, ipot(C * 0.5, beta=beta, check=False, graph=False)[0], rtol=1e-6)
+
+@pytest.mark.parametrize('kw', [
+    dict(n_iter=1), dict(n_iter=11), dict(n_iter=23),  # no proximal step; exactly one unrolled trip; trips and a remainder
+    dict(inner=3, n_iter=17),  # sweeps written out in the body
+    dict(beta=0.01, n_iter=23), dict(beta=0.01, inner=2, n_iter=9),  # log domain
+    dict(n_iter=3, inner=25),  # more sweeps than UNROLL: a loop of their own
+])
+def test_compiled_loop_matches_eager(kw):
+    "compile=True runs the same iterations as the eager loop, on batched rectangular float64 problems with weights."
+    g = torch.Generator().manual_seed(11)
+    C = torch.rand(2, 3, 12, 9, dtype=torch.float64, generator=g)
+    a = torch.rand(2, 3, 12, dtype=torch.float64, generator=g) + 0.1; a /= a.sum(-1, keepdim=True)
+    b = torch.rand(9, dtype=torch.float64, generator=g) + 0.1; b /= b.sum()
+    v, P = ipot(C, a=a, b=b, **kw)
+    vc, Pc = ipot(C, a=a, b=b, compile=True, **kw)
+    assert vc.shape == v.shape and Pc.shape == P.shape
+    assert torch.allclose(Pc, P, rtol=1e-10, atol=1e-15) and torch.allclose(vc, v, rtol=1e-10)
+
+def test_compiled_float32_and_sinkhorn():
+    "The float32 default solve and Sinkhorn, compiled, against eager and (for the default) exact OT."
+    C = torch.stack([cosine_cost(*clustered_features(64, 16, seed=s)) for s in range(3)])
+    v, P = ipot(C, compile=True)
+    assert torch.allclose(P, ipot(C)[1], atol=1e-7)
+    for i in range(3): assert abs(v[i].item() - exact_ot(C[i])[0].item()) < 1e-3 * exact_ot(C[i])[0].item()
+    assert torch.allclose(sinkhorn(C, compile=True)[1], sinkhorn(C)[1], atol=1e-7)
+
+def test_compiled_errors():
+    with pytest.raises(ValueError, match='unroll=True'): ipot(torch.rand(3, 3), compile=True, unroll=True)
+    with pytest.raises(ValueError, match='on CUDA leave compile=False'): ipot(torch.rand(3, 3, device='meta'), compile=True, check=False)
