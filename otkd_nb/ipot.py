@@ -94,8 +94,9 @@ def _graph_solve(solve, C, a, b, beta, n_iter, inner):
 # %% ../nbs/03_ipot.ipynb #b24821e6
 UNROLL = 10  # iterations per trip of the compiled loop
 
-def _repeat(f, n, state:tuple, unroll:int=UNROLL)->tuple:
-    "`f` applied `n` times (a 0-d tensor) to the tuple `state`: `unroll` applications per trip of a `torch.while_loop`, then one per trip for the rest."
+def _repeat(f, n, state:tuple, unroll:int|None=None)->tuple:
+    "`f` applied `n` times (a 0-d tensor) to the tuple `state`: `unroll` (default `UNROLL`) applications per trip of a `torch.while_loop`, then one per trip for the rest."
+    unroll = UNROLL if unroll is None else unroll
     def chunk(i, *s):
         for _ in range(unroll): s = f(*s)
         return (i + unroll, *s)
