@@ -35,7 +35,8 @@ export: $(STAMP)
 # The test command: notebooks and package in sync, README up to date, every notebook runs, then pytest.
 test: $(STAMP) fashion-mnist
 	$(BIN)/python tools/check_sync.py
-	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2  # two notebooks at a time, one thread each: no oversubscription
+	@# two notebooks at a time, one thread each (no oversubscription); without a GPU, Triton kernels run in Triton's interpreter
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=$$($(BIN)/python -c 'import torch; print(int(not torch.cuda.is_available()))') $(BIN)/nbdev-test --n-workers 2
 	$(BIN)/python -m pytest tests/ -q
 
 clean-venv:

@@ -14,11 +14,12 @@ from torch import nn
 from .cost import cosine_cost, cosine_cost_autograd, clustered_features
 from .exact import exact_ot
 from .remd import remd, remd_autograd, cosine_remd
-from .ipot import ipot, sinkhorn
+from .ipot import ipot, sinkhorn, TRITON_MAX
+import otkd_nb.ipot as _ipot_module
 
 # %% auto #0
-__all__ = ['SOLVERS', 'COMPILED', 'FUSED', 'REFERENCES', 'timeit', 'bench_solvers', 'fit_exponent', 'bench_matvec', 'bench_remd',
-           'bench_pot', 'bench_step', 'report', 'main']
+__all__ = ['SOLVERS', 'COMPILED', 'TRITON', 'FUSED', 'REFERENCES', 'timeit', 'bench_solvers', 'fit_exponent', 'bench_matvec',
+           'bench_remd', 'bench_pot', 'bench_step', 'report', 'main']
 
 # %% ../nbs/11_bench.ipynb #b41cf294
 def _sync(device):
@@ -80,6 +81,15 @@ COMPILED = {  # CPU only: the loop fused by `torch.compile` (see `otkd_nb.ipot`)
     'ipot compiled (defaults, compile=True)': lambda C: ipot(C, check=False, compile=True)[0],
     'ipot compiled beta 0.02, 50 it. (log)': lambda C: ipot(C, beta=0.02, n_iter=50, check=False, compile=True)[0],
 }
+TRITON = {  # CUDA only, b <= TRITON_MAX: the whole loop as one Triton kernel (see `otkd_nb.ipot`); the first call compiles it
+    'ipot triton (defaults, triton=True)': lambda C: ipot(C, check=False, triton=True)[0],
+    'ipot triton beta 0.02, 50 it. (log)': lambda C: ipot(C, beta=0.02, n_iter=50, check=False, triton=True)[0],
+}
+
+def _has_triton(device, b:int)->bool:
+    "Whether the one-kernel rows run: on CUDA, with triton installed, for b up to `TRITON_MAX`."
+    return torch.device(device).type == 'cuda' and _ipot_module._triton is not None and b <= TRITON_MAX
+
 FUSED = {  # solvers that start from the features and compute the costs themselves
     'cosine_remd (REMD fused with the cost)': lambda x, y: cosine_remd(x, y, check=False),
 }
@@ -99,7 +109,7 @@ def bench_solvers(
     progress:bool=True, # print a line per measurement
 )->list: # one dict per (method, b, L)
     "Time and accuracy of our solvers and the POT/SciPy references, forward and forward+backward; `first_ms`: the first call, compilation included."
-    rows, solvers = [], SOLVERS | (COMPILED if torch.device(device).type == 'cpu' else {})
+    rows, cpu = [], torch.device(device).type == 'cpu'
     for L in layers:
         for b in sizes:
             x, y = _features(b, d, L, device)
@@ -114,6 +124,7 @@ def bench_solvers(
             def ref_fb(): cosine_cost_autograd(xg, y, check=False).sum().backward()
             rows.append(dict(method='cosine cost, autograd through the formula', b=b, L=L, rel_err=0.0, first_ms=float('nan'),
                              fwd_ms=1e3 * timeit(lambda: cosine_cost_autograd(x, y, check=False), device, repeat), fwdbwd_ms=1e3 * timeit(ref_fb, device, repeat)))
+            solvers = SOLVERS | (COMPILED if cpu else {}) | (TRITON if _has_triton(device, b) else {})
             from_features = {name: (lambda x, y, f=f: f(cosine_cost(x, y, check=False))) for name, f in solvers.items()} | FUSED
             for name, f in from_features.items():
                 t = time.perf_counter(); v = f(x, y).double().cpu().numpy(); first = time.perf_counter() - t
@@ -197,14 +208,14 @@ def bench_pot(
     device='cpu', # where IPOT runs (POT runs on the CPU)
     rounds:int=20, # calls of each solver, taken in turns
 )->list: # one dict per b
-    "IPOT at its defaults (and, on the CPU, compiled) against POT's `ot.emd2` looped over `L` layers, timed in turns: the speed target's ratios."
+    "IPOT at its defaults (and, on the CPU, compiled; on CUDA up to `TRITON_MAX`, as one Triton kernel) against POT's `ot.emd2` looped over `L` layers, timed in turns: the speed target's ratios."
     rows, cpu = [], torch.device(device).type == 'cpu'
     for b in sizes:
         C = cosine_cost(*_features(b, d, L, device))
-        fs = [lambda: _pot_emd(C.double().cpu().numpy()), lambda: ipot(C, check=False)] + ([lambda: ipot(C, check=False, compile=True)] if cpu else [])
-        t_pot, t_ipot, *t_comp = _in_turns(fs, device, rounds)
+        extra = {'compiled': lambda: ipot(C, check=False, compile=True)} if cpu else {'triton': lambda: ipot(C, check=False, triton=True)} if _has_triton(device, b) else {}
+        t_pot, t_ipot, *t_extra = _in_turns([lambda: _pot_emd(C.double().cpu().numpy()), lambda: ipot(C, check=False), *extra.values()], device, rounds)
         rows.append(dict(b=b, L=L, pot_ms=1e3 * t_pot, ipot_ms=1e3 * t_ipot, ratio=t_pot / t_ipot))
-        if cpu: rows[-1].update(compiled_ms=1e3 * t_comp[0], compiled_ratio=t_pot / t_comp[0])
+        for name, t in zip(extra, t_extra): rows[-1].update({f'{name}_ms': 1e3 * t, f'{name}_ratio': t_pot / t})
     return rows
 
 # %% ../nbs/11_bench.ipynb #d622acd4
@@ -224,7 +235,7 @@ def bench_step(
     progress:bool=True, # print a line per measurement
     rounds:int=10, # the methods take turns this many times, so that a machine's drift hits them alike
 )->list: # one dict per (pair, method)
-    "Time of one training step with KD, KD+REMD and KD+IPOT (and on CUDA both OT terms without CUDA graphs) measured in turns; the ratio to KD is the median over the rounds of each round's ratio."
+    "Time of one training step with KD, KD+REMD and KD+IPOT (and on CUDA both OT terms without CUDA graphs, and IPOT with `triton=True`) measured in turns; the ratio to KD is the median over the rounds of each round's ratio."
     from fastai.learner import Learner
     from fastai.data.core import DataLoaders
     from fastai.callback.core import Callback
@@ -255,6 +266,8 @@ def bench_step(
         if device.type == 'cuda':  # the OT terms replay CUDA graphs there; the eager terms show what the graphs save
             methods.update({'KD+REMD eager': lambda: [KDCallback(teacher), REMDCallback(teacher, graph=False)],
                             'KD+IPOT eager': lambda: [KDCallback(teacher), IPOTCallback(teacher, graph=False)]})
+        if _has_triton(device, batch):  # IPOT's loop as one Triton kernel, inside the callback's graphs
+            methods['KD+IPOT triton'] = lambda: [KDCallback(teacher), IPOTCallback(teacher, triton=True)]
         learners = {}
         for m, cbs in methods.items():
             torch.manual_seed(0)
@@ -301,8 +314,9 @@ def _targets(solver_rows, step_rows, remd_rows=(), pot_rows=(), ipot_name='ipot 
     for r in pot_rows:  # timed in turns (`bench_pot`)
         if r['L'] == 4 and r['b'] >= 128:
             out.append((f"IPOT faster than POT emd2 over 4 layers, b={r['b']}, in turns (POT time / IPOT time)", r['ratio'], r['ratio'] > 1))
-            if 'compiled_ratio' in r:
-                out.append((f"IPOT with compile=True faster than POT emd2 over 4 layers, b={r['b']}, in turns", r['compiled_ratio'], r['compiled_ratio'] > 1))
+            for name, how in (('compiled', 'compile=True'), ('triton', 'triton=True')):
+                if f'{name}_ratio' in r:
+                    out.append((f"IPOT with {how} faster than POT emd2 over 4 layers, b={r['b']}, in turns", r[f'{name}_ratio'], r[f'{name}_ratio'] > 1))
     big = [r for r in solver_rows if r['L'] == 4 and r['b'] >= 128] if not pot_rows else []  # older results: from the solver table
     for b in sorted({r['b'] for r in big}):
         t_ip = next(r['fwd_ms'] for r in big if r['b'] == b and r['method'] == ipot_name)
@@ -310,6 +324,7 @@ def _targets(solver_rows, step_rows, remd_rows=(), pot_rows=(), ipot_name='ipot 
         out.append((f'IPOT faster than POT emd2 over 4 layers, b={b} (POT time / IPOT time)', t_pot / t_ip, t_pot > t_ip))
     for r in step_rows:
         if r['method'] == 'KD+IPOT': out.append((f"KD+IPOT step at most 1.05x the KD step ({r['pair']})", r['ratio'], r['ratio'] <= 1.05))
+        if r['method'] == 'KD+IPOT triton': out.append((f"KD+IPOT step, triton=True, at most 1.05x the KD step ({r['pair']})", r['ratio'], r['ratio'] <= 1.05))
     return out
 
 def _md_table(rows, keys):
@@ -343,8 +358,9 @@ def report(solver_rows, step_rows, machine, matvec_rows=(), remd_rows=(), pot_ro
         lines += ['', '### REMD against the cosine cost alone (forward+backward, milliseconds, timed in turns; remd: `cosine_remd`, '
                   'the fused form the losses use; composed: `remd(cosine_cost(...))`)', '', _md_table(remd_rows, keys)]
     if pot_rows:
-        keys = ['b', 'L', 'pot_ms', 'ipot_ms', 'ratio'] + (['compiled_ms', 'compiled_ratio'] if 'compiled_ms' in pot_rows[0] else [])
-        lines += ['', '### IPOT against POT\'s exact solver (milliseconds, timed in turns; ratio: POT time / IPOT time; compiled: `ipot(..., compile=True)`)', '',
+        keys = ['b', 'L', 'pot_ms', 'ipot_ms', 'ratio'] + [f'{n}_{k}' for n in ('compiled', 'triton') if any(f'{n}_ms' in r for r in pot_rows) for k in ('ms', 'ratio')]
+        lines += ['', '### IPOT against POT\'s exact solver (milliseconds, timed in turns; ratio: POT time / IPOT time; compiled: `ipot(..., compile=True)`; '
+                  'triton: `ipot(..., triton=True)`)', '',
                   _md_table(pot_rows, keys)]
     if matvec_rows:
         lines += ['', '### Matrix-vector products (microseconds; `bmm(Q, v)` with a column vector against the same product as `bmm(v, Q.mT)` with a row)', '',

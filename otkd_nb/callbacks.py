@@ -319,7 +319,8 @@ class IPOTCallback(OTCallback):
         ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
         graph:bool|None=None, # replay the term from CUDA graphs (see `OTCallback`); None: on CUDA
         compile:bool=False, # CPU training: fuse IPOT's loop with `torch.compile` (see `otkd_nb.ipot`), compiled once per batch shape
-    ): super().__init__(teacher, weight, student_layers, teacher_layers, 'ipot', ce_weight, graph, beta=beta, n_iter=n_iter, compile=compile)
+        triton:bool=False, # CUDA training: IPOT's whole loop as one Triton kernel (see `otkd_nb.ipot`; batches up to `TRITON_MAX`)
+    ): super().__init__(teacher, weight, student_layers, teacher_layers, 'ipot', ce_weight, graph, beta=beta, n_iter=n_iter, compile=compile, triton=triton)
 
 class REMDCallback(OTCallback):
     "OT distillation by the relaxed EMD, a lower bound on exact OT."
@@ -339,8 +340,9 @@ class SinkhornCallback(OTCallback):
     "OT distillation by entropic Sinkhorn, for comparison."
     term = 'sinkhorn'
     def __init__(self, teacher:nn.Module, weight:float=1.0, student_layers:list|None=None, teacher_layers:list|None=None,
-                 reg:float=0.05, n_iter:int=100, ce_weight:float|None=None, graph:bool|None=None, compile:bool=False):
-        super().__init__(teacher, weight, student_layers, teacher_layers, 'sinkhorn', ce_weight, graph, reg=reg, n_iter=n_iter, compile=compile)
+                 reg:float=0.05, n_iter:int=100, ce_weight:float|None=None, graph:bool|None=None, compile:bool=False, triton:bool=False):
+        super().__init__(teacher, weight, student_layers, teacher_layers, 'sinkhorn', ce_weight, graph, reg=reg, n_iter=n_iter,
+                         compile=compile, triton=triton)
 
 # %% ../nbs/06_callbacks.ipynb #74f8c64b
 def _last(model, role): return default_layers(model, role)[-1:]

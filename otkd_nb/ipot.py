@@ -6,12 +6,14 @@ Docs: https://otkd-nb.github.io/otkd_nb/ipot.html.md"""
 
 # %% ../nbs/03_ipot.ipynb #a3b844d7
 from __future__ import annotations
-import torch
+import contextlib, torch
 from torch import Tensor
 from .cost import check_cost, _check_finite
+try: import triton as _triton, triton.language as tl  # the one-kernel loop (`triton=True`); comes with torch's CUDA wheels
+except ImportError: _triton = tl = None
 
 # %% auto #0
-__all__ = ['LOG_DOMAIN_BELOW', 'UNROLL', 'ipot', 'sinkhorn']
+__all__ = ['LOG_DOMAIN_BELOW', 'UNROLL', 'TRITON_MAX', 'ipot', 'sinkhorn']
 
 # %% ../nbs/03_ipot.ipynb #5b017d69
 LOG_DOMAIN_BELOW = {torch.float32: 0.05, torch.float64: 0.01}
@@ -159,6 +161,89 @@ def _compiled_solve(log:bool, C, a, b, beta, n_iter, inner):
         else: plan = _COMPILED[log](torch.exp(-C / beta), a.reshape(-1, 1, n).contiguous(), b.reshape(-1, 1, m).contiguous(), *counts)
     return plan.view(shape)
 
+# %% ../nbs/03_ipot.ipynb #0d8d5bb5
+TRITON_MAX = 128  # `triton=True`: the most points per side, for one problem's matrix held in the registers of one block
+
+if _triton is not None:
+    @_triton.jit
+    def _ipot_plain_kernel(K, A, B, P, n, m, n_iter, inner, BN:tl.constexpr, BM:tl.constexpr):
+        "One program per problem: the plain iterations on its `(n, m)` matrix, held as a `(BN, BM)` tile; `K` re-read at each step."
+        p = tl.program_id(0).to(tl.int64)
+        rn, rm = tl.arange(0, BN), tl.arange(0, BM)
+        on, om = rn < n, rm < m
+        inside = on[:, None] & om[None, :]
+        at = p * n * m + rn[:, None] * m + rm[None, :]
+        Q = tl.load(K + at, mask=inside, other=0.)  # Q = K * T, with T = 1 at the start; 0 in the padding
+        a, b = tl.load(A + p * n + rn, mask=on, other=1.), tl.load(B + p * m + rm, mask=om, other=1.)
+        dl, sig = a, b
+        for t in range(n_iter):
+            for _ in range(inner):
+                dl = a / tl.where(on, tl.sum(Q * sig[None, :], 1), 1.)  # delta = a / (Q sigma)
+                sig = b / tl.where(om, tl.sum(Q * dl[:, None], 0), 1.)  # sigma = b / (Q^T delta)
+            Q = Q * dl[:, None] * sig[None, :]  # T = diag(delta) Q diag(sigma)
+            if t < n_iter - 1: Q = Q * tl.load(K + at, mask=inside, other=0.)  # the next Q = K * T
+        tl.store(P + at, Q, mask=inside)
+
+    @_triton.jit
+    def _lse(x, axis:tl.constexpr, keep):
+        "log-sum-exp of the tile `x` along `axis`; 0 where `keep` is False (padding, all `-inf`)."
+        mx = tl.where(keep, tl.max(x, axis), 0.)
+        s = tl.sum(tl.exp(x - tl.expand_dims(mx, axis)), axis)
+        return tl.where(keep, mx + tl.log(tl.where(keep, s, 1.)), 0.)
+
+    @_triton.jit
+    def _ipot_log_kernel(M, LA, LB, P, n, m, n_iter, inner, BN:tl.constexpr, BM:tl.constexpr):
+        "The same iterations on `log T` and log scalings, from `M = -C/beta` and the log weights; writes the plan `exp(log T)`."
+        p = tl.program_id(0).to(tl.int64)
+        rn, rm = tl.arange(0, BN), tl.arange(0, BM)
+        on, om = rn < n, rm < m
+        inside = on[:, None] & om[None, :]
+        at = p * n * m + rn[:, None] * m + rm[None, :]
+        lQ = tl.load(M + at, mask=inside, other=float('-inf'))
+        la, lb = tl.load(LA + p * n + rn, mask=on, other=0.), tl.load(LB + p * m + rm, mask=om, other=0.)
+        ld, ls = la, lb
+        for t in range(n_iter):
+            for _ in range(inner):
+                ld = la - _lse(lQ + ls[None, :], 1, on)
+                ls = lb - _lse(lQ + ld[:, None], 0, om)
+            lQ = lQ + ld[:, None] + ls[None, :]  # log T
+            if t < n_iter - 1: lQ = lQ + tl.load(M + at, mask=inside, other=float('-inf'))  # the next log Q = M + log T
+        tl.store(P + at, tl.exp(lQ), mask=inside)
+
+def _interpreted()->bool:
+    "Whether Triton runs its kernels in its interpreter (`TRITON_INTERPRET=1` when Triton was imported): on the CPU, with NumPy."
+    from triton.runtime.interpreter import InterpretedFunction
+    ours, theirs = isinstance(_ipot_plain_kernel, InterpretedFunction), isinstance(tl.sum, InterpretedFunction)
+    if ours != theirs: raise RuntimeError("TRITON_INTERPRET changed between the import of triton and that of otkd_nb.ipot; "
+                                          "set it before anything imports triton (torch's compiler does), or not at all.")
+    return ours
+
+def _check_triton(C, unroll:bool, compile:bool):
+    if _triton is None: raise ValueError("triton=True needs the `triton` package (it comes with torch's CUDA wheels): pip install triton, or leave triton=False.")
+    if unroll: raise ValueError("triton=True solves without autograd; it cannot be combined with unroll=True.")
+    if compile: raise ValueError("triton=True (one Triton kernel on CUDA) and compile=True (torch.compile on the CPU) exclude each other; pass one.")
+    if not (C.is_cuda or C.device.type == 'cpu' and _interpreted()):
+        raise ValueError(f"triton=True runs the loop as a CUDA kernel, got a cost on {C.device}; on the CPU use compile=True "
+                         "(or set TRITON_INTERPRET=1 before importing triton to run the kernel in Triton's interpreter, slowly).")
+    n, m = C.shape[-2:]
+    if max(n, m) > TRITON_MAX:
+        raise ValueError(f"triton=True holds each problem in the registers of one block, up to {TRITON_MAX} x {TRITON_MAX}; got {n} x {m}. "
+                         "Leave triton=False for larger problems (on CUDA the loop then replays from a CUDA graph).")
+
+def _triton_solve(log:bool, C, a, b, beta, n_iter, inner):
+    "Solve with the whole loop in one Triton kernel, one program per problem; returns the plan."
+    shape, (n, m) = C.shape, C.shape[-2:]
+    C = C.reshape(-1, n, m)
+    if log: args = ((-C / beta).contiguous(), a.log().reshape(-1, n).contiguous(), b.log().reshape(-1, m).contiguous())
+    else: args = (torch.exp(-C / beta).contiguous(), a.reshape(-1, n).contiguous(), b.reshape(-1, m).contiguous())
+    P = torch.empty_like(args[0])
+    BN, BM = _triton.next_power_of_2(n), _triton.next_power_of_2(m)
+    warps = 4 if BN * BM <= 1024 else 8 if BN * BM <= 4096 else 16  # registers enough up to 64 x 64 (see above)
+    if P.shape[0]:
+        with torch.cuda.device(C.device) if C.is_cuda else contextlib.nullcontext():  # Triton launches on the current device
+            (_ipot_log_kernel if log else _ipot_plain_kernel)[(P.shape[0],)](*args, P, n, m, n_iter, inner, BN=BN, BM=BM, num_warps=warps)
+    return P.view(shape)
+
 # %% ../nbs/03_ipot.ipynb #6850f4e9
 def ipot(
     C:Tensor, # cost matrices `(..., n, m)`
@@ -172,11 +257,13 @@ def ipot(
     check:bool=True, # reject NaN/Inf in `C` (one host sync before the loop)
     graph:bool|None=None, # replay a CUDA graph of the loop; None: on CUDA when not `unroll`
     compile:bool=False, # CPU: fuse the loop with `torch.compile` (seconds to compile per shape; faster at b <= 256 and in the log domain)
+    triton:bool=False, # CUDA: run the whole loop as one Triton kernel, one program per problem (`n, m <= TRITON_MAX`)
 )->tuple: # `(value (...,), plan (..., n, m))`, plan detached unless `unroll`
     "Inexact proximal point OT: value and plan, batched over leading dimensions."
     if beta <= 0: raise ValueError(f"`beta` must be > 0, got {beta}.")
     if n_iter < 1 or inner < 1: raise ValueError(f"`n_iter` and `inner` must be >= 1, got {n_iter} and {inner}.")
     C = check_cost(C, check)
+    if triton: _check_triton(C, unroll, compile)
     if compile: _check_compilable(C, unroll)
     n, m = C.shape[-2:]
     if log_domain is None: log_domain = beta < LOG_DOMAIN_BELOW.get(C.dtype, 0.05)
@@ -190,6 +277,7 @@ def ipot(
                 Cd = C.detach()
                 args = (Cd, _marginal(a, n, Cd, 'a'), _marginal(b, m, Cd, 'b'), beta, n_iter, inner)
                 if compile: plan = _compiled_solve(log_domain, *args)
+                elif triton: plan = _triton_solve(log_domain, *args)
                 else:
                     if graph is None: graph = Cd.is_cuda
                     plan = _graph_solve(solve, *args) if graph else solve(*args)
@@ -207,6 +295,8 @@ def sinkhorn(
     check:bool=True, # reject NaN/Inf in `C`
     graph:bool|None=None, # replay a CUDA graph of the loop; None: on CUDA when not `unroll`
     compile:bool=False, # CPU: fuse the loop with `torch.compile`, as for `ipot`
+    triton:bool=False, # CUDA: the whole loop as one Triton kernel, as for `ipot`
 )->tuple: # `(value (...,), plan (..., n, m))`; value is `<plan, C>` without the entropy term
     "Entropic OT by Sinkhorn sweeps: one IPOT step from the uniform plan with `n_iter` inner sweeps."
-    return ipot(C, beta=reg, n_iter=1, inner=n_iter, a=a, b=b, log_domain=log_domain, unroll=unroll, check=check, graph=graph, compile=compile)
+    return ipot(C, beta=reg, n_iter=1, inner=n_iter, a=a, b=b, log_domain=log_domain, unroll=unroll, check=check, graph=graph,
+                compile=compile, triton=triton)

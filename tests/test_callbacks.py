@@ -277,3 +277,36 @@ def test_graphed_term_in_training_cuda(teacher):
     assert torch.allclose(v1, v2, rtol=1e-5), (v1, v2)
     assert len(g1) == len(g2) > 0
     for a, b in zip(g1, g2): assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+
+def _triton_device():
+    import otkd_nb.ipot as m
+    if m._triton is None: return None
+    return 'cuda' if torch.cuda.is_available() else ('cpu' if m._interpreted() else None)
+
+@pytest.mark.skipif(_triton_device() is None, reason='needs triton, on CUDA or in its interpreter (TRITON_INTERPRET=1)')
+def test_ipot_triton_term_equals_eager(teacher):
+    "IPOTCallback(triton=True): on a training batch the same term and student gradients as the eager loop (on CUDA, after training with the term replayed from CUDA graphs around the kernel)."
+    dev = torch.device(_triton_device())
+    t = teacher.to(dev)
+    dls = synthetic_dls(n_train=64 if dev.type == 'cpu' else 256, n_valid=32, bs=32).to(dev)  # the interpreter is slow: two batches
+    cb = IPOTCallback(t, triton=True)
+    learn = Learner(dls, TinyNet(8), loss_func=nn.CrossEntropyLoss(), cbs=[KDCallback(t), cb])
+    learn.fit(1, 1e-2)
+    assert cb.ot.solver_kwargs['triton'] is True and torch.isfinite(torch.tensor(cb.history)).all()
+    if dev.type == 'cuda': assert len(cb._graphs) == 1
+    model, xb = learn.model.train(), dls.train.one_batch()[0]
+    out = []
+    for triton in (True, False):
+        cb.ot.solver_kwargs['triton'] = triton
+        model.zero_grad()
+        with FeatureHooks(model, cb.s_layers) as hs, FeatureHooks(t, cb.t_layers, detach=True) as ht:
+            model(xb)
+            with torch.no_grad(): t(xb)
+            v = (cb.ot_term if triton else cb.ot)([c(f) for c, f in zip(cb.extras, hs.features)] if cb.extras else hs.features, list(ht.features))
+        v.backward()
+        out.append((v.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (v1, g1), (v2, g2) = out
+    assert torch.allclose(v1, v2, rtol=1e-5), (v1, v2)
+    assert len(g1) == len(g2) > 0
+    for a, b in zip(g1, g2): assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+    t.cpu()

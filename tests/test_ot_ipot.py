@@ -1,5 +1,5 @@
 """IPOT and Sinkhorn: accuracy against exact OT, finiteness in float32, gradients, errors."""
-import numpy as np, ot, pytest, torch
+import os, numpy as np, ot, pytest, torch
 from otkd_nb.cost import cosine_cost, clustered_features
 from otkd_nb.exact import exact_ot
 from otkd_nb.remd import remd
@@ -182,3 +182,66 @@ def test_compiled_float32_and_sinkhorn():
 def test_compiled_errors():
     with pytest.raises(ValueError, match='unroll=True'): ipot(torch.rand(3, 3), compile=True, unroll=True)
     with pytest.raises(ValueError, match='on CUDA leave compile=False'): ipot(torch.rand(3, 3, device='meta'), compile=True, check=False)
+
+import otkd_nb.ipot as ipot_module
+from otkd_nb.ipot import TRITON_MAX
+
+def _triton_device():
+    "Where `triton=True` can run here: CUDA, or the CPU under Triton's interpreter (conftest switches it on without a GPU)."
+    if ipot_module._triton is None: return None
+    if torch.cuda.is_available(): return 'cuda'
+    return 'cpu' if ipot_module._interpreted() else None
+
+needs_triton = pytest.mark.skipif(_triton_device() is None, reason='needs triton, on CUDA or in its interpreter (TRITON_INTERPRET=1)')
+
+@needs_triton
+@pytest.mark.parametrize('kw', [dict(n_iter=1), dict(n_iter=23), dict(inner=3, n_iter=7),  # plain domain
+                                dict(beta=0.005, n_iter=9), dict(beta=0.005, inner=2, n_iter=5)])  # log domain (float64 below 0.01)
+@pytest.mark.parametrize('n,m', [(12, 9), (1, 5), (16, 16), (33, 70)])
+def test_triton_kernel_matches_eager(kw, n, m):
+    "triton=True runs the eager loop's iterations: batched float64 problems, padded tiles (n, m not powers of two), weights."
+    g = torch.Generator().manual_seed(n * 100 + m)
+    C = torch.rand(2, 3, n, m, dtype=torch.float64, generator=g)
+    a = torch.rand(2, 3, n, dtype=torch.float64, generator=g) + 0.1; a /= a.sum(-1, keepdim=True)
+    b = torch.rand(m, dtype=torch.float64, generator=g) + 0.1; b /= b.sum()
+    C, a, b = (t.to(_triton_device()) for t in (C, a, b))
+    v, P = ipot(C, a=a, b=b, **kw)
+    vt, Pt = ipot(C, a=a, b=b, triton=True, **kw)
+    assert vt.shape == v.shape and Pt.shape == P.shape and vt.device == v.device
+    assert torch.allclose(Pt, P, rtol=1e-10, atol=1e-15) and torch.allclose(vt, v, rtol=1e-10)
+
+@needs_triton
+def test_triton_float32_largest_tile_sinkhorn_and_gradient():
+    "float32 at the largest tile and at a training batch: against eager and exact OT; Sinkhorn; the envelope gradient."
+    dev = _triton_device()
+    C = torch.stack([cosine_cost(*clustered_features(64, 16, seed=s)) for s in range(3)]).to(dev)
+    v, P = ipot(C, triton=True)
+    assert torch.allclose(P, ipot(C)[1], atol=1e-7)
+    for i in range(3):
+        ex = exact_ot(C[i].cpu())[0].item()
+        assert abs(v[i].item() - ex) < 1e-3 * ex
+    assert torch.allclose(sinkhorn(C, triton=True)[1], sinkhorn(C)[1], atol=1e-7)
+    big = cosine_cost(*clustered_features(TRITON_MAX, 16, seed=5)).to(dev)
+    assert torch.allclose(ipot(big, n_iter=20, triton=True)[1], ipot(big, n_iter=20)[1], atol=1e-7)
+    Cg = C.clone().requires_grad_()
+    vg, Pg = ipot(Cg, triton=True)
+    vg.sum().backward()
+    assert torch.equal(Cg.grad, Pg) and not Pg.requires_grad
+
+def test_triton_errors(monkeypatch):
+    with pytest.raises(ValueError, match='triton=True solves without autograd'): ipot(torch.rand(3, 3), triton=True, unroll=True)
+    with pytest.raises(ValueError, match='exclude each other'): ipot(torch.rand(3, 3), triton=True, compile=True)
+    with pytest.raises(ValueError, match=f'up to {TRITON_MAX} x {TRITON_MAX}; got 5 x 129'): ipot(torch.rand(5, 129), triton=True)
+    with pytest.raises(ValueError, match='runs the loop as a CUDA kernel'): ipot(torch.rand(3, 3, device='meta'), triton=True, check=False)
+    monkeypatch.setattr(ipot_module, '_triton', None)
+    with pytest.raises(ValueError, match='needs the `triton` package'): ipot(torch.rand(3, 3), triton=True)
+
+@pytest.mark.skipif(ipot_module._triton is None, reason='needs triton')
+def test_triton_interpreter_switched_too_late():
+    "TRITON_INTERPRET set after triton's import but before ours: a clear error, not Triton's own about jit functions."
+    import subprocess, sys
+    code = ("import os, torch, triton.language\nos.environ['TRITON_INTERPRET'] = '1'\nfrom otkd_nb.ipot import ipot\n"
+            "try: ipot(torch.rand(4, 4), triton=True)\nexcept RuntimeError as e: print('error:', e)")
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
+    assert 'error: TRITON_INTERPRET changed between the import of triton and that of otkd_nb.ipot' in out.stdout, out.stdout + out.stderr
