@@ -6,7 +6,7 @@ Docs: https://otkd-nb.github.io/otkd_nb/callbacks.html.md"""
 
 # %% ../nbs/06_callbacks.ipynb #d7646e9d
 from __future__ import annotations
-import math, torch
+import math, weakref, torch
 from torch import nn, Tensor
 from fastcore.basics import store_attr
 from fastai.learner import Learner, Metric
@@ -82,6 +82,7 @@ class DistillCallback(Callback):
     ):
         store_attr()
         self.s_hooks = self.t_hooks = None
+        self._probed = None  # weak references to the student and teacher, and the layers, last probed and found to need no trainable parts
         self.metric = _TermMetric(self.term)
         self._sum = self._n = 0
         self._batches, self.history = [], []  # this term on each training batch: this epoch's tensors, all epochs' floats
@@ -161,9 +162,11 @@ class DistillCallback(Callback):
         self.teacher.to(self._device()).eval()
         if not self.uses_features: self.s_layers = self.t_layers = []; return False
         self.s_layers, self.t_layers = self._layers()
-        if self.extras is not None: return False
+        if self.extras is not None or self._probed_already(): return False  # set up already, or nothing to build
         extras = self.build(*self._probe())
-        if extras is None: return False
+        if extras is None:
+            self._probed = (weakref.ref(self.learn.model), weakref.ref(self.teacher), (self.s_layers, self.t_layers))
+            return False
         model = self.learn.model
         if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             raise TypeError(f"{type(self).__name__} needs trainable parts for these layer shapes and attaches them to the student, "
@@ -172,6 +175,13 @@ class DistillCallback(Callback):
         if 'distill' not in model._modules: model.add_module('distill', nn.ModuleDict())
         model.distill[self.name] = extras.to(self._device())
         return True
+
+    def _probed_already(self)->bool:
+        "Whether these very models and layers were probed before and needed no trainable parts (a new model is probed again)."
+        p = self.__dict__.get('_probed')
+        return p is not None and p[0]() is self.learn.model and p[1]() is self.teacher and p[2] == (self.s_layers, self.t_layers)
+
+    def __getstate__(self): return {**self.__dict__, '_probed': None}  # weak references cannot be pickled (`learn.export`)
 
     def after_create(self): self._setup()
 
@@ -303,7 +313,7 @@ class OTCallback(DistillCallback):
         return self.ot_term(s_feats, t_feats)
 
     def __getstate__(self):  # CUDA graphs cannot be pickled (`learn.export`): they are captured again on first use
-        return {**self.__dict__, '_graphs': {}}
+        return {**super().__getstate__(), '_graphs': {}}
 
 # %% ../nbs/06_callbacks.ipynb #604ae9d4
 class IPOTCallback(OTCallback):

@@ -310,3 +310,16 @@ def test_ipot_triton_term_equals_eager(teacher):
     assert len(g1) == len(g2) > 0
     for a, b in zip(g1, g2): assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
     t.cpu()
+
+def test_probe_once_per_student(dls, teacher):
+    "A term without trainable parts probes the two models once, not at every fit; a new student is probed again; the callback still pickles."
+    cb, calls = IPOTCallback(teacher), []
+    probe = cb._probe
+    cb._probe = lambda: calls.append(1) or probe()
+    learn = mk(dls, [cb], w=16)  # the teacher's widths: no connectors to build
+    learn.fit(1); learn.fit(1)
+    assert cb.extras is None and len(calls) == 1
+    mk(dls, [cb], w=16).fit(1)
+    assert len(calls) == 2
+    del cb._probe  # the lambda above cannot be pickled; the weak references of the probe record must not matter
+    assert pickle.loads(pickle.dumps(cb))._probed is None
