@@ -166,13 +166,17 @@ TRITON_MAX = 128  # `triton=True`: the most points per side, for one problem's m
 
 if _triton is not None:
     @_triton.jit
-    def _ipot_plain_kernel(K, A, B, P, n, m, n_iter, inner, BN:tl.constexpr, BM:tl.constexpr):
-        "One program per problem: the plain iterations on its `(n, m)` matrix, held as a `(BN, BM)` tile; `K` re-read at each step."
+    def _tile(n, m, BN:tl.constexpr, BM:tl.constexpr):
+        "This program's problem: its `(BN, BM)` tile's row and column indices, their masks, and the offsets of its `(n, m)` matrix."
         p = tl.program_id(0).to(tl.int64)
         rn, rm = tl.arange(0, BN), tl.arange(0, BM)
         on, om = rn < n, rm < m
-        inside = on[:, None] & om[None, :]
-        at = p * n * m + rn[:, None] * m + rm[None, :]
+        return p, rn, rm, on, om, on[:, None] & om[None, :], p * n * m + rn[:, None] * m + rm[None, :]
+
+    @_triton.jit
+    def _ipot_plain_kernel(K, A, B, P, n, m, n_iter, inner, BN:tl.constexpr, BM:tl.constexpr):
+        "One program per problem: the plain iterations on its `(n, m)` matrix, held as a `(BN, BM)` tile; `K` re-read at each step."
+        p, rn, rm, on, om, inside, at = _tile(n, m, BN, BM)
         Q = tl.load(K + at, mask=inside, other=0.)  # Q = K * T, with T = 1 at the start; 0 in the padding
         a, b = tl.load(A + p * n + rn, mask=on, other=1.), tl.load(B + p * m + rm, mask=om, other=1.)
         dl, sig = a, b
@@ -194,11 +198,7 @@ if _triton is not None:
     @_triton.jit
     def _ipot_log_kernel(M, LA, LB, P, n, m, n_iter, inner, BN:tl.constexpr, BM:tl.constexpr):
         "The same iterations on `log T` and log scalings, from `M = -C/beta` and the log weights; writes the plan `exp(log T)`."
-        p = tl.program_id(0).to(tl.int64)
-        rn, rm = tl.arange(0, BN), tl.arange(0, BM)
-        on, om = rn < n, rm < m
-        inside = on[:, None] & om[None, :]
-        at = p * n * m + rn[:, None] * m + rm[None, :]
+        p, rn, rm, on, om, inside, at = _tile(n, m, BN, BM)
         lQ = tl.load(M + at, mask=inside, other=float('-inf'))
         la, lb = tl.load(LA + p * n + rn, mask=on, other=0.), tl.load(LB + p * m + rm, mask=om, other=0.)
         ld, ls = la, lb
@@ -230,6 +230,10 @@ def _check_triton(C, unroll:bool, compile:bool):
         raise ValueError(f"triton=True holds each problem in the registers of one block, up to {TRITON_MAX} x {TRITON_MAX}; got {n} x {m}. "
                          "Leave triton=False for larger problems (on CUDA the loop then replays from a CUDA graph).")
 
+def _triton_warps(BN:int, BM:int)->int:
+    "Warps per program for a `(BN, BM)` tile: threads enough that the tile fits their registers (`tools/triton_registers.py` reports them)."
+    return 4 if BN * BM <= 1024 else 8 if BN * BM <= 4096 else 16
+
 def _triton_solve(log:bool, C, a, b, beta, n_iter, inner):
     "Solve with the whole loop in one Triton kernel, one program per problem; returns the plan."
     shape, (n, m) = C.shape, C.shape[-2:]
@@ -238,10 +242,9 @@ def _triton_solve(log:bool, C, a, b, beta, n_iter, inner):
     else: args = (torch.exp(-C / beta).contiguous(), a.reshape(-1, n).contiguous(), b.reshape(-1, m).contiguous())
     P = torch.empty_like(args[0])
     BN, BM = _triton.next_power_of_2(n), _triton.next_power_of_2(m)
-    warps = 4 if BN * BM <= 1024 else 8 if BN * BM <= 4096 else 16  # registers enough up to 64 x 64 (see above)
     if P.shape[0]:
         with torch.cuda.device(C.device) if C.is_cuda else contextlib.nullcontext():  # Triton launches on the current device
-            (_ipot_log_kernel if log else _ipot_plain_kernel)[(P.shape[0],)](*args, P, n, m, n_iter, inner, BN=BN, BM=BM, num_warps=warps)
+            (_ipot_log_kernel if log else _ipot_plain_kernel)[(P.shape[0],)](*args, P, n, m, n_iter, inner, BN=BN, BM=BM, num_warps=_triton_warps(BN, BM))
     return P.view(shape)
 
 # %% ../nbs/03_ipot.ipynb #6850f4e9

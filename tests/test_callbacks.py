@@ -252,6 +252,22 @@ def test_graph_option_errors_and_pickling(dls, teacher):
     assert cb2._graphs == {} and cb._graphs  # the copy captures again on first use; the original keeps its graphs
     assert cb2.ot.solver_kwargs == cb.ot.solver_kwargs
 
+def _term_and_grads(term, cb, model, teacher, xb):
+    "`term` (a callable on student and teacher features, e.g. `cb.ot_term`) on the batch `xb`, and the student's parameter gradients from it."
+    model.zero_grad()
+    with FeatureHooks(model, cb.s_layers) as hs, FeatureHooks(teacher, cb.t_layers, detach=True) as ht:
+        model(xb)
+        with torch.no_grad(): teacher(xb)
+        v = term([c(f) for c, f in zip(cb.extras, hs.features)] if cb.extras is not None else hs.features, list(ht.features))
+    v.backward()
+    return v.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+def _assert_same_term(a, b):
+    (v1, g1), (v2, g2) = a, b
+    assert torch.allclose(v1, v2, rtol=1e-5), (v1, v2)
+    assert len(g1) == len(g2) > 0
+    for x, y in zip(g1, g2): assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), (x - y).abs().max()
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_graphed_term_in_training_cuda(teacher):
     "Training with the OT term replayed from CUDA graphs: one capture, a term that falls, and on a training batch the same value and parameter gradients as the eager term."
@@ -264,19 +280,7 @@ def test_graphed_term_in_training_cuda(teacher):
     assert len(cb._graphs) == 1 and len(h) == 2 * len(dls.train) and torch.isfinite(h).all(), (len(cb._graphs), h)
     assert h[-4:].mean() < h[:4].mean(), h  # the student learns the term
     model, xb = learn.model.train(), dls.train.one_batch()[0]
-    out = []
-    for term in (cb.ot_term, cb.ot):  # replayed graphs, then the eager loss
-        model.zero_grad()
-        with FeatureHooks(model, cb.s_layers) as hs, FeatureHooks(t, cb.t_layers, detach=True) as ht:
-            model(xb)
-            with torch.no_grad(): t(xb)
-            v = term([c(f) for c, f in zip(cb.extras, hs.features)], list(ht.features))
-        v.backward()
-        out.append((v.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (v1, g1), (v2, g2) = out
-    assert torch.allclose(v1, v2, rtol=1e-5), (v1, v2)
-    assert len(g1) == len(g2) > 0
-    for a, b in zip(g1, g2): assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+    _assert_same_term(_term_and_grads(cb.ot_term, cb, model, t, xb), _term_and_grads(cb.ot, cb, model, t, xb))  # replayed graphs, eager loss
 
 def _triton_device():
     import otkd_nb.ipot as m
@@ -295,20 +299,9 @@ def test_ipot_triton_term_equals_eager(teacher):
     assert cb.ot.solver_kwargs['triton'] is True and torch.isfinite(torch.tensor(cb.history)).all()
     if dev.type == 'cuda': assert len(cb._graphs) == 1
     model, xb = learn.model.train(), dls.train.one_batch()[0]
-    out = []
-    for triton in (True, False):
-        cb.ot.solver_kwargs['triton'] = triton
-        model.zero_grad()
-        with FeatureHooks(model, cb.s_layers) as hs, FeatureHooks(t, cb.t_layers, detach=True) as ht:
-            model(xb)
-            with torch.no_grad(): t(xb)
-            v = (cb.ot_term if triton else cb.ot)([c(f) for c, f in zip(cb.extras, hs.features)] if cb.extras else hs.features, list(ht.features))
-        v.backward()
-        out.append((v.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (v1, g1), (v2, g2) = out
-    assert torch.allclose(v1, v2, rtol=1e-5), (v1, v2)
-    assert len(g1) == len(g2) > 0
-    for a, b in zip(g1, g2): assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+    fused = _term_and_grads(cb.ot_term, cb, model, t, xb)  # the kernel (on CUDA, inside the replayed graphs)
+    cb.ot.solver_kwargs['triton'] = False
+    _assert_same_term(fused, _term_and_grads(cb.ot, cb, model, t, xb))
     t.cpu()
 
 def test_probe_once_per_student(dls, teacher):

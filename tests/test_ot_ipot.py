@@ -245,3 +245,17 @@ def test_triton_interpreter_switched_too_late():
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
     assert 'error: TRITON_INTERPRET changed between the import of triton and that of otkd_nb.ipot' in out.stdout, out.stdout + out.stderr
+
+def _ptxas():
+    from pathlib import Path
+    return ipot_module._triton is not None and (Path(ipot_module._triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'ptxas').exists()
+
+@pytest.mark.skipif(not _ptxas(), reason="needs triton with its NVIDIA toolchain (ptxas)")
+def test_triton_kernels_compile_for_the_gpu():
+    "Both kernels compile for sm_90 (H100/H200) with Triton's own toolchain, no GPU needed: a kernel that would not compile on a GPU fails here."
+    import subprocess, sys
+    from pathlib import Path
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, str(root / 'tools' / 'triton_registers.py'), '--quick'], capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0 and '\n0 failed' in out.stdout, out.stdout + out.stderr
+    assert out.stdout.count('| sm_90 |') == 4 and 'FAILED' not in out.stdout
