@@ -212,7 +212,9 @@ def bench_pot(
     rows, cpu = [], torch.device(device).type == 'cpu'
     for b in sizes:
         C = cosine_cost(*_features(b, d, L, device))
-        extra = {'compiled': lambda: ipot(C, check=False, compile=True)} if cpu else {'triton': lambda: ipot(C, check=False, triton=True)} if _has_triton(device, b) else {}
+        extra = {}  # the other ways of running the loop, where they apply
+        if cpu: extra['compiled'] = lambda: ipot(C, check=False, compile=True)
+        elif _has_triton(device, b): extra['triton'] = lambda: ipot(C, check=False, triton=True)
         t_pot, t_ipot, *t_extra = _in_turns([lambda: _pot_emd(C.double().cpu().numpy()), lambda: ipot(C, check=False), *extra.values()], device, rounds)
         rows.append(dict(b=b, L=L, pot_ms=1e3 * t_pot, ipot_ms=1e3 * t_ipot, ratio=t_pot / t_ipot))
         for name, t in zip(extra, t_extra): rows[-1].update({f'{name}_ms': 1e3 * t, f'{name}_ratio': t_pot / t})
