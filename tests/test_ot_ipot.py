@@ -228,10 +228,12 @@ def test_triton_float32_largest_tile_sinkhorn_and_gradient():
     vg.sum().backward()
     assert torch.equal(Cg.grad, Pg) and not Pg.requires_grad
 
+@needs_triton
 def test_triton_errors(monkeypatch):
     with pytest.raises(ValueError, match='triton=True solves without autograd'): ipot(torch.rand(3, 3), triton=True, unroll=True)
     with pytest.raises(ValueError, match='exclude each other'): ipot(torch.rand(3, 3), triton=True, compile=True)
-    with pytest.raises(ValueError, match=f'up to {TRITON_MAX} x {TRITON_MAX}; got 5 x 129'): ipot(torch.rand(5, 129), triton=True)
+    too_big = torch.rand(5, 129, device=_triton_device())
+    with pytest.raises(ValueError, match=f'up to {TRITON_MAX} x {TRITON_MAX}; got 5 x 129'): ipot(too_big, triton=True)
     with pytest.raises(ValueError, match='runs the loop as a CUDA kernel'): ipot(torch.rand(3, 3, device='meta'), triton=True, check=False)
     monkeypatch.setattr(ipot_module, '_triton', None)
     with pytest.raises(ValueError, match='needs the `triton` package'): ipot(torch.rand(3, 3), triton=True)
