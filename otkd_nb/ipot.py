@@ -151,15 +151,22 @@ def _check_compilable(C, unroll:bool):
                          "on CUDA leave compile=False: graph=True (the default there) replays the loop as one CUDA graph.")
     if not hasattr(torch, 'while_loop'): raise ValueError(f"compile=True needs torch.while_loop, which torch {torch.__version__} lacks; upgrade torch or leave compile=False.")
 
+def _flat_inputs(log:bool, C, a, b, beta)->tuple:
+    "The fused loops' inputs, leading dimensions flattened and contiguous: the kernel `exp(-C/beta)` `(B, n, m)` and the weights `(B, n)`, `(B, m)`; in the log domain `-C/beta` and the log weights."
+    n, m = C.shape[-2:]
+    M = -C.reshape(-1, n, m) / beta
+    if log: return M.contiguous(), a.log().reshape(-1, n).contiguous(), b.log().reshape(-1, m).contiguous()
+    return M.exp(), a.reshape(-1, n).contiguous(), b.reshape(-1, m).contiguous()
+
 def _compiled_solve(log:bool, C, a, b, beta, n_iter, inner):
     "Solve with the loop compiled by `torch.compile` (once per shape and dtype, then reused); returns the plan."
     if log not in _COMPILED: _COMPILED[log] = torch.compile(_ipot_log_fused if log else _ipot_plain_fused, fullgraph=True, dynamic=False)
-    shape, (n, m) = C.shape, C.shape[-2:]
-    C, counts = C.reshape(-1, n, m), (torch.tensor(n_iter), inner if inner <= UNROLL else torch.tensor(inner))
+    K, wa, wb = _flat_inputs(log, C, a, b, beta)
+    if not log: wa, wb = wa.unsqueeze(1), wb.unsqueeze(1)  # row vectors `(B, 1, n)`, `(B, 1, m)`
+    counts = (torch.tensor(n_iter), inner if inner <= UNROLL else torch.tensor(inner))
     with torch._dynamo.config.patch(recompile_limit=64):  # each shape, dtype and written-out sweep count compiles once
-        if log: plan = _COMPILED[log](-C / beta, a.log().reshape(-1, n), b.log().reshape(-1, m), *counts)
-        else: plan = _COMPILED[log](torch.exp(-C / beta), a.reshape(-1, 1, n).contiguous(), b.reshape(-1, 1, m).contiguous(), *counts)
-    return plan.view(shape)
+        plan = _COMPILED[log](K, wa, wb, *counts)
+    return plan.view(C.shape)
 
 # %% ../nbs/03_ipot.ipynb #0d8d5bb5
 TRITON_MAX = 128  # `triton=True`: the most points per side, for one problem's matrix held in the registers of one block
@@ -236,16 +243,14 @@ def _triton_warps(BN:int, BM:int)->int:
 
 def _triton_solve(log:bool, C, a, b, beta, n_iter, inner):
     "Solve with the whole loop in one Triton kernel, one program per problem; returns the plan."
-    shape, (n, m) = C.shape, C.shape[-2:]
-    C = C.reshape(-1, n, m)
-    if log: args = ((-C / beta).contiguous(), a.log().reshape(-1, n).contiguous(), b.log().reshape(-1, m).contiguous())
-    else: args = (torch.exp(-C / beta).contiguous(), a.reshape(-1, n).contiguous(), b.reshape(-1, m).contiguous())
+    n, m = C.shape[-2:]
+    args = _flat_inputs(log, C, a, b, beta)
     P = torch.empty_like(args[0])
     BN, BM = _triton.next_power_of_2(n), _triton.next_power_of_2(m)
     if P.shape[0]:
         with torch.cuda.device(C.device) if C.is_cuda else contextlib.nullcontext():  # Triton launches on the current device
             (_ipot_log_kernel if log else _ipot_plain_kernel)[(P.shape[0],)](*args, P, n, m, n_iter, inner, BN=BN, BM=BM, num_warps=_triton_warps(BN, BM))
-    return P.view(shape)
+    return P.view(C.shape)
 
 # %% ../nbs/03_ipot.ipynb #6850f4e9
 def ipot(
