@@ -18,7 +18,7 @@ from .ipot import ipot, sinkhorn
 
 # %% auto #0
 __all__ = ['OT_SOLVERS', 'KDLoss', 'OTLoss', 'hint_regressor', 'FitNetLoss', 'RKDLoss', 'PKTLoss', 'attention_map', 'ATLoss',
-           'SPLoss', 'CCLoss', 'CRDLoss']
+           'SPLoss', 'CCLoss', 'class_index', 'other_class_negatives', 'CRDLoss']
 
 # %% ../nbs/04_losses.ipynb #a61cc5b0
 def _as_list(feats, name:str)->list:
@@ -347,6 +347,64 @@ class CCLoss(nn.Module):
             d = (es - et).abs()
             return (d[:-1] * d[1:]).sum(1).mean()
 
+# %% ../nbs/04_losses.ipynb #39bc8d92
+def class_index(
+    labels:Tensor, # `(n,)` the class of each sample
+    n_classes:int|None=None, # the number of classes; None: `labels.max() + 1`
+)->tuple: # `(order, start, count)`: indices sorted by class, where each class starts in `order`, its size
+    "Group a dataset's indices by class, for drawing among the samples of given classes."
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    count = torch.bincount(labels, minlength=n_classes or 0)
+    return labels.argsort(stable=True), count.cumsum(0) - count, count
+
+def other_class_negatives(
+    anchors:Tensor, # `(b,)` the anchors' classes
+    order:Tensor, # `(n,)` dataset indices sorted by class (`class_index`)
+    start:Tensor, # `(c,)` where each class starts in `order`
+    count:Tensor, # `(c,)` the size of each class
+    k:int, # negatives per anchor
+    generator:torch.Generator|None=None, # random source, on `order`'s device
+)->Tensor: # `(b, k)` dataset indices
+    "`k` negatives per anchor, drawn with replacement uniformly from the samples whose class differs from the anchor's."
+    s, c = start[anchors][:, None], count[anchors][:, None]
+    u = torch.rand(anchors.shape[0], k, generator=generator, device=order.device, dtype=torch.float64)
+    r = (u * (order.shape[0] - c)).long()  # a position among the n - c samples of the other classes
+    return order[torch.where(r >= s, r + c, r)]  # skip the anchor's own block
+
+# %% ../nbs/04_losses.ipynb #18a990dd
+def _dist():
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+def _rank()->int: return _dist().get_rank() if _dist() else 0
+
+def _global_mean(x:Tensor)->Tensor:
+    "The mean of `x` over every process's `x` (just `x.mean()` outside distributed runs)."
+    dist = _dist()
+    if dist is None: return x.mean()
+    s = torch.stack([x.sum(), torch.tensor(x.numel(), dtype=x.dtype, device=x.device)])
+    dist.all_reduce(s)
+    return s[0] / s[1]
+
+def _gather_rows(
+    idx:Tensor, # `(b,)` this process's dataset indices
+    v:Tensor, # `(b, d)` their rows
+)->tuple: # `(idx, v)` over all processes, each index once (its last row)
+    "Every process's `(idx, v)`, concatenated in rank order, batches of any sizes; no gradient."
+    dist = _dist()
+    if dist is None: return idx, v
+    n = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=idx.device) for _ in range(n)]
+    dist.all_gather(sizes, torch.tensor([idx.shape[0]], device=idx.device))
+    sizes = [int(s) for s in sizes]; m = max(sizes)
+    pad = lambda t: torch.cat([t, t.new_zeros(m - t.shape[0], *t.shape[1:])])
+    gi, gv = [idx.new_empty(m) for _ in range(n)], [v.new_empty(m, v.shape[1]) for _ in range(n)]
+    dist.all_gather(gi, pad(idx)); dist.all_gather(gv, pad(v.contiguous()))
+    idx, v = torch.cat([g[:k] for g, k in zip(gi, sizes)]), torch.cat([g[:k] for g, k in zip(gv, sizes)])
+    u, inv = torch.unique(idx, return_inverse=True)
+    last = torch.full_like(u, -1).scatter_reduce(0, inv, torch.arange(idx.shape[0], device=idx.device), 'amax')
+    return idx[last], v[last]
+
 # %% ../nbs/04_losses.ipynb #e8fb6249
 class CRDLoss(nn.Module):
     "Contrastive representation distillation: NCE against a momentum memory bank of both networks' embeddings."
@@ -359,6 +417,7 @@ class CRDLoss(nn.Module):
         T:float=0.07, # temperature of the scores
         momentum:float=0.5, # momentum of the memory update
         eps:float=1e-7, # added in the NCE logarithms' denominators
+        labels:Tensor|None=None, # `(n_data,)` the class of each sample: negatives from the other classes; None: uniform over the dataset
     ):
         super().__init__()
         if n_data < 1 or n_neg < 1: raise ValueError(f"`n_data` and `n_neg` must be >= 1, got {n_data} and {n_neg}.")
@@ -369,6 +428,13 @@ class CRDLoss(nn.Module):
         self.register_buffer('memory_t', torch.rand(n_data, feat_dim) * 2 * std - std)
         self.register_buffer('Z_s', torch.tensor(-1.))  # normalisers, set on the first batch
         self.register_buffer('Z_t', torch.tensor(-1.))
+        if labels is None: self.labels = None
+        else:
+            labels = torch.as_tensor(labels).long().reshape(-1)
+            if labels.shape[0] != n_data: raise ValueError(f"`labels` must give the class of each of the {n_data} samples, got {labels.shape[0]}.")
+            if labels.unique().numel() < 2: raise ValueError("`labels` holds a single class: CRD draws negatives from the other classes; pass labels=None for uniform negatives.")
+            for k, v in zip(('labels', 'order', 'start', 'count'), (labels, *class_index(labels))):
+                self.register_buffer(k, v, persistent=False)  # derived from the dataset, not learned: not in the state dict
 
     def embed(self,
         f_s:Tensor, # `(b, ...)` student features
@@ -388,14 +454,14 @@ class CRDLoss(nn.Module):
         f_s:Tensor, # `(b, s_dim)` student features
         f_t:Tensor, # `(b, t_dim)` teacher features (detached here)
         idx:Tensor, # `(b,)` dataset indices of the batch's samples
-        contrast_idx:Tensor|None=None, # `(b, n_neg)` indices of the negatives; None: uniform over the dataset
+        contrast_idx:Tensor|None=None, # `(b, n_neg)` indices of the negatives; None: drawn by `negatives`
     )->Tensor: # scalar
         "NCE loss of both anchors; in training mode, also updates the memory bank at `idx`."
         f_s, f_t = _one_pair(f_s, f_t, 'CRDLoss')
         b = f_s.shape[0]
         idx = torch.as_tensor(idx, device=self.memory_s.device).long().reshape(-1)
         if idx.shape[0] != b: raise ValueError(f"`idx` must have one index per sample ({b}), got shape {tuple(idx.shape)}.")
-        if contrast_idx is None: contrast_idx = torch.randint(0, self.n_data, (b, self.n_neg), device=idx.device)
+        if contrast_idx is None: contrast_idx = self.negatives(idx)
         contrast_idx = torch.as_tensor(contrast_idx, device=idx.device).long()
         if contrast_idx.shape != (b, self.n_neg):
             raise ValueError(f"`contrast_idx` must be `(b, n_neg)` = {(b, self.n_neg)}, got {tuple(contrast_idx.shape)} "
@@ -406,11 +472,37 @@ class CRDLoss(nn.Module):
             h_s = torch.exp(torch.bmm(self.memory_t[all_idx], v_s[:, :, None]).squeeze(-1) / self.T)  # student anchors
             h_t = torch.exp(torch.bmm(self.memory_s[all_idx], v_t[:, :, None]).squeeze(-1) / self.T)  # teacher anchors
             with torch.no_grad():
-                self.Z_s.copy_(torch.where(self.Z_s < 0, h_s.mean() * self.n_data, self.Z_s))
-                self.Z_t.copy_(torch.where(self.Z_t < 0, h_t.mean() * self.n_data, self.Z_t))
+                m_s, m_t = _global_mean(h_s), _global_mean(h_t)
+                self.Z_s.copy_(torch.where(self.Z_s < 0, m_s * self.n_data, self.Z_s))
+                self.Z_t.copy_(torch.where(self.Z_t < 0, m_t * self.n_data, self.Z_t))
             loss = self._nce(h_s / self.Z_s) + self._nce(h_t / self.Z_t)
             if self.training:
-                with torch.no_grad():
-                    for M, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-                        M.index_copy_(0, idx, F.normalize(self.momentum * M[idx] + (1 - self.momentum) * v.detach(), dim=1))
+                with torch.no_grad(): self.update_memory(idx, v_s, v_t)
             return loss
+
+    def negatives(self,
+        idx:Tensor, # `(b,)` dataset indices of the anchors
+    )->Tensor: # `(b, n_neg)`
+        "Negatives of the anchors `idx`: from the other classes when `labels` are known, else uniform over the dataset."
+        g = self._generator(idx.device)
+        if self.labels is None: return torch.randint(0, self.n_data, (idx.shape[0], self.n_neg), device=idx.device, generator=g)
+        return other_class_negatives(self.labels[idx], self.order, self.start, self.count, self.n_neg, g)
+
+    def _generator(self, device):
+        "A random source of its own, so that drawing negatives leaves the global one (augmentation, shuffling) alone."
+        g = self.__dict__.get('_gen')
+        if g is None or g.device != device:
+            g = self.__dict__['_gen'] = torch.Generator(device).manual_seed(torch.initial_seed() + _rank())
+        return g
+
+    def update_memory(self,
+        idx:Tensor, # `(b,)` dataset indices of this process's batch
+        v_s:Tensor, # `(b, feat_dim)` student embeddings
+        v_t:Tensor, # `(b, feat_dim)` teacher embeddings
+    ):
+        "Momentum update of both banks at the global batch's indices (every process's, so all processes keep the same banks)."
+        idx, v = _gather_rows(idx, torch.cat([v_s, v_t], 1).detach())
+        for M, v in ((self.memory_s, v[:, :self.feat_dim]), (self.memory_t, v[:, self.feat_dim:])):
+            M.index_copy_(0, idx, F.normalize(self.momentum * M[idx] + (1 - self.momentum) * v, dim=1))
+
+    def __getstate__(self): return {**self.__dict__, '_gen': None}  # a generator is recreated on first use
