@@ -8,14 +8,16 @@ Docs: https://otkd-nb.github.io/otkd_nb/data.html.md"""
 from __future__ import annotations
 import gzip, os, pickle, warnings
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 import numpy as np, torch
 import torch.nn.functional as F
 from torch import Tensor
+from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
-from fastai.torch_core import default_device, show_image, subplots
+from fastai.torch_core import batch_to_samples, default_device, show_image, subplots, to_cpu
 
 # %% auto #0
 __all__ = ['STATS', 'DEBIAN_FASHION_MNIST', 'FASHION_MNIST_FILES', 'FASHION_MNIST_CLASSES', 'cache_dir', 'data_places',
@@ -197,31 +199,55 @@ def one_thread(
         if on and n > 1: torch.set_num_threads(n)
 
 # %% ../nbs/08_data.ipynb #b4064d20
+def _as_image(o, c:int)->Tensor:
+    "A user's image as uint8 `(c, h, w)`: a tensor `(c, h, w)` or `(h, w)`, a numpy array `(h, w)` or `(h, w, c)`, a PIL image or an image file."
+    from PIL import Image
+    what = f"{type(o).__name__}" + (f" {o.dtype} {tuple(o.shape)}" if hasattr(o, 'shape') and hasattr(o, 'dtype') else '')
+    if isinstance(o, (str, Path)): o = Image.open(o)
+    if isinstance(o, Image.Image): o = np.asarray(o.convert('L' if c == 1 else 'RGB'))
+    if isinstance(o, np.ndarray) and o.dtype == np.uint8 and o.ndim in (2, 3):
+        o = torch.from_numpy(np.array(o.transpose(2, 0, 1) if o.ndim == 3 else o, order='C'))  # a copy, writable
+    if not isinstance(o, Tensor) or o.dtype != torch.uint8 or o.ndim not in (2, 3):
+        raise TypeError(f"an image must be a uint8 tensor (c, h, w), a uint8 numpy array (h, w) or (h, w, c), a PIL image or an image file, not {what}")
+    return o[None] if o.ndim == 2 else o
+
+def _label_name(o:tuple, vocab:list, n_inp:int=1)->tuple:
+    "Sample `o` with its label (the element after the inputs), if an integer, as its class name; the rest unchanged."
+    o = tuple(o)
+    y = o[n_inp] if len(o) > n_inp else None
+    if isinstance(y, (int, np.integer)) or (isinstance(y, Tensor) and y.ndim == 0 and not y.is_floating_point()):
+        o = o[:n_inp] + (vocab[int(y)],) + o[n_inp+1:]
+    return o
+
 class ArrayDataset:
-    "Images held in memory as one uint8 tensor `(n, c, h, w)`, with int64 labels; items are `(x, y)` or `(x, y, idx)`."
+    "Images held in memory as one uint8 tensor `(n, c, h, w)`, with int64 labels; items are `(x, y)` or `(x, y, idx)`, or `(x,)` without labels."
     n_inp = 1
     def __init__(self,
         x:Tensor, # uint8 images `(N, c, h, w)`
-        y:Tensor, # int64 labels `(N,)`
+        y:Tensor|None, # int64 labels `(N,)`; None: unlabelled images (e.g. to predict), items `(x,)`
         vocab:list|None=None, # the class names; None: `'0'`, `'1'`, ...
         with_index:bool=False, # items end with their index in this dataset
         name:str='', # e.g. 'train', 'test', 'holdout'
         source_idx:Tensor|None=None, # the images of `x` that this dataset holds, in order; None: all
     ):
         self.x, self.y_all, self.with_index, self.name, self.source_idx = x, y, with_index, name, source_idx
-        self.vocab = list(vocab) if vocab is not None else [str(i) for i in range(int(y.max())+1 if len(y) else 0)]
+        if vocab is None: vocab = [str(i) for i in range(int(y.max())+1 if y is not None and len(y) else 0)]
+        self.vocab = list(vocab)
 
     def __len__(self): return len(self.x) if self.source_idx is None else len(self.source_idx)
     @property
     def c(self): return len(self.vocab)
     @property
-    def y(self)->Tensor: return self.y_all if self.source_idx is None else self.y_all[self.source_idx]
+    def y(self)->Tensor|None:
+        if self.y_all is None: return None
+        return self.y_all if self.source_idx is None else self.y_all[self.source_idx]
 
     def batch(self, idxs)->tuple:
-        "The batch of samples `idxs` (indices in this dataset) as `(x, y)` or `(x, y, idx)`, indexed in one go."
+        "The batch of samples `idxs` (indices in this dataset) as `(x, y)` or `(x, y, idx)` (`(x,)` without labels), indexed in one go."
         with one_thread():
             i = torch.as_tensor(idxs, dtype=torch.int64)
             j = i if self.source_idx is None else self.source_idx[i]
+            if self.y_all is None: return (self.x[j],)
             return (self.x[j], self.y_all[j], i) if self.with_index else (self.x[j], self.y_all[j])
 
     def __getitem__(self, i):
@@ -238,14 +264,36 @@ class ArrayDataset:
         src = idxs if self.source_idx is None else self.source_idx[idxs]
         return ArrayDataset(self.x, self.y_all, self.vocab, self.with_index, self.name if name is None else name, src)
 
+    def new_empty(self):
+        "A dataset with the same classes and image shape but no samples (and no storage), for `Learner.export`."
+        y = None if self.y_all is None else self.y_all.new_empty(0)
+        return ArrayDataset(self.x.new_empty((0, *self.x.shape[1:])), y, self.vocab, self.with_index, self.name)
+
+    def test_set(self,
+        items:list, # uint8 tensors `(c, h, w)` as stored here, uint8 numpy arrays `(h, w)` or `(h, w, c)`, PIL images or image files
+    ):
+        "An unlabelled dataset of `items` (batches `(x,)`) with these classes, e.g. for `Learner.predict`; the images must have this dataset's shape."
+        shape = tuple(self.x.shape[1:])
+        xs = [_as_image(o, shape[0]) for o in items]
+        for x in xs:
+            if tuple(x.shape) != shape: raise ValueError(f"images of shape {shape} (c, h, w) expected, as this dataset stores them, not {tuple(x.shape)}")
+        return ArrayDataset(torch.stack(xs) if xs else self.x.new_empty((0, *shape)), None, self.vocab, name='items')
+
+    def decode(self,
+        o:tuple, # a sample, e.g. `(x, y)`, or `(x, predicted class)` from `Learner.predict`
+        full:bool=True, # unused (fastai's signature)
+    )->tuple:
+        "Sample `o` with its label, an integer, as its class name."
+        return _label_name(o, self.vocab, self.n_inp)
+
     def __repr__(self): return f"{type(self).__name__}({self.name!r}, {len(self)} images {tuple(self.x.shape[1:])}, {self.c} classes)"
 
 # %% ../nbs/08_data.ipynb #89c8a533
 class FolderDataset:
-    "Images read from their files on demand through a torchvision transform; items are `(x, y)` or `(x, y, idx)`."
+    "Images read from their files on demand through a torchvision transform; items are `(x, y)` or `(x, y, idx)`, or `(x,)` without labels."
     n_inp = 1
     def __init__(self,
-        samples:list, # `(file, label)` pairs
+        samples:list, # `(file, label)` pairs; `(file or PIL image, None)` for unlabelled images (e.g. to predict), items `(x,)`
         vocab:list, # the class names
         tfm:callable, # opened PIL image -> uint8 tensor `(c, h, w)`
         with_index:bool=False, # items end with their index in this dataset
@@ -259,12 +307,16 @@ class FolderDataset:
     @property
     def c(self): return len(self.vocab)
     @property
-    def y(self)->Tensor: return torch.tensor([s[1] for s in self.samples], dtype=torch.int64)
+    def y(self)->Tensor|None:
+        ys = [s[1] for s in self.samples]
+        return None if None in ys else torch.tensor(ys, dtype=torch.int64)
 
     def __getitem__(self, i):
+        from PIL import Image
         from torchvision.datasets.folder import default_loader
         f, y = self.samples[i]
-        x = self.tfm(default_loader(f))
+        x = self.tfm(f.convert('RGB') if isinstance(f, Image.Image) else default_loader(f))
+        if y is None: return (x,)
         return (x, y, i) if self.with_index else (x, y)
 
     def subset(self,
@@ -276,6 +328,26 @@ class FolderDataset:
         idxs = torch.as_tensor(idxs, dtype=torch.int64)
         return FolderDataset([self.samples[i] for i in idxs.tolist()], self.vocab, self.tfm if tfm is None else tfm,
                              self.with_index, self.name if name is None else name, self.source_idx[idxs])
+
+    def new_empty(self):
+        "A dataset with the same classes and transform but no samples, for `Learner.export`."
+        return FolderDataset([], self.vocab, self.tfm, self.with_index, self.name)
+
+    def test_set(self,
+        items:list, # image files or PIL images
+    ):
+        "An unlabelled dataset of `items` (batches `(x,)`) with these classes and this transform, e.g. for `Learner.predict`."
+        from PIL import Image
+        for o in items:
+            if not isinstance(o, (str, Path, Image.Image)): raise TypeError(f"an image must be an image file or a PIL image, not {type(o).__name__}")
+        return FolderDataset([(o, None) for o in items], self.vocab, self.tfm, name='items')
+
+    def decode(self,
+        o:tuple, # a sample, e.g. `(x, y)`, or `(x, predicted class)` from `Learner.predict`
+        full:bool=True, # unused (fastai's signature)
+    )->tuple:
+        "Sample `o` with its label, an integer, as its class name."
+        return _label_name(o, self.vocab, self.n_inp)
 
     def __repr__(self): return f"{type(self).__name__}({self.name!r}, {len(self)} images, {self.c} classes)"
 
@@ -341,17 +413,49 @@ class BatchTfm:
             return (x.float().div_(255).sub_(m).div_(s), *rest)
 
     def decode(self,
-        x:Tensor, # normalised images
-    )->Tensor: # values in [0, 1]
+        b:Tensor|tuple, # normalised images, or a batch `(x, ...)` of them
+    )->Tensor|tuple: # images with values in [0, 1]; for a batch, the batch with its other elements unchanged
         "Undo the normalisation, for showing."
-        m, s = self.stats(x.device)
-        return (x*s + m).clamp(0, 1)
+        if not isinstance(b, Tensor):
+            x, *rest = b
+            return (self.decode(x), *rest)
+        m, s = self.stats(b.device)
+        return (b*s + m).clamp(0, 1)
+
+    def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != '_dev'}  # the per-device cache stays behind
+    def __setstate__(self, d): self.__dict__.update(d, _dev={})
 
     def __repr__(self): return f"BatchTfm(crop_pad={self.crop_pad}, flip={self.flip}, size={self.size}, channels={self.channels})"
 
 # %% ../nbs/08_data.ipynb #18ca4e42
 class ImageDL(DataLoader):
     "A fastai `DataLoader` of uint8 images whose `after_batch` (a `BatchTfm`) normalises them on the device."
+    def new(self,
+        dataset=None, # a dataset, or a list of images as a user holds them (see the datasets' `test_set`); None: this loader's
+        cls=None, # the new loader's class; None: this one's
+        **kwargs, # passed to fastai's `DataLoader.new`, e.g. `bs`, `shuffle`
+    ):
+        "A loader like this one, with the same transforms, over `dataset`; a list of images becomes an unlabelled dataset (batches `(x,)`)."
+        if isinstance(dataset, (list, tuple, L)): dataset = self.dataset.test_set(list(dataset))
+        return super().new(dataset, cls, **kwargs)
+
+    def to(self, device):
+        "Send batches to `device`, pinning memory only for CUDA (so a learner exported from a GPU and loaded on a CPU does not ask for it)."
+        super().to(device)
+        self.pin_memory = self.fake_l.pin_memory = self.device is not None and self.device.type == 'cuda'
+
+    def decode(self, b:tuple)->tuple:
+        "Batch `b` with its images' normalisation undone, on the CPU."
+        return to_cpu(self.after_batch.decode(b) if hasattr(self.after_batch, 'decode') else b)
+
+    def decode_batch(self,
+        b:tuple, # a batch, e.g. `(x, y)`, or the inputs and decoded predictions that `Learner.predict` passes
+        max_n:int=9, # decode at most this many samples
+        full:bool=True, # passed to the dataset's `decode`
+    )->L: # samples `(x, class name, ...)`
+        "The first `max_n` samples of `b`: images with values in [0, 1], labels as class names (what `Learner.predict` returns)."
+        return L(batch_to_samples(self.decode(b), max_n=max_n)).map(partial(self.dataset.decode, full=full))
+
     def show_batch(self,
         b:tuple|None=None, # a batch from this loader; None: `one_batch()`
         max_n:int=16, # show at most this many images
@@ -416,7 +520,8 @@ def make_dls(
     cls = ArrayDL if isinstance(train, ArrayDataset) else ImageDL
     kw = dict(num_workers=num_workers, device=device, pin_memory=device.type == 'cuda')
     tfm = dict(size=size, channels=channels)
-    dls = [cls(sets[0], bs=bs, shuffle=True, drop_last=True, after_batch=BatchTfm(*stats, crop_pad=crop_pad, flip=flip, **tfm), **kw)]
+    drop_last = len(sets[0]) % bs == 1  # keep the last, smaller batch, unless it would hold one sample
+    dls = [cls(sets[0], bs=bs, shuffle=True, drop_last=drop_last, after_batch=BatchTfm(*stats, crop_pad=crop_pad, flip=flip, **tfm), **kw)]
     dls += [cls(s, bs=val_bs or bs, after_batch=BatchTfm(*stats, **tfm), **kw) for s in sets[1:]]
     res = DataLoaders(*dls, device=device)
     res.split, res.names = split, [s.name for s in sets]

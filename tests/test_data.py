@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import otkd_nb.data as data
-from otkd_nb.data import (STATS, DataNotFoundError, ArrayDL, ImageDL, BatchTfm, cifar100_dls, svhn_dls, imagenet_dls,
+from otkd_nb.data import (STATS, DataNotFoundError, ArrayDataset, FolderDataset, ArrayDL, ImageDL, BatchTfm, cifar100_dls, svhn_dls, imagenet_dls,
                           fashion_mnist_dls, find_fashion_mnist, read_idx, write_idx, read_cifar100, random_crop,
                           write_fake_cifar100, write_fake_svhn, write_fake_image_folder, FASHION_MNIST_FILES)
 
@@ -76,7 +76,7 @@ def test_cifar100_batches(cifar):
     assert dls.device == torch.device('cpu') and xb.device.type == 'cpu'
     torch.testing.assert_close(unnorm(xb, STATS['cifar100']), x0[:64].float()/255, atol=1e-5, rtol=0)
     assert torch.equal(yb, y0[:64])
-    assert len(dls.train) == 300//64 and len(dls.valid) == -(-130//64)  # train drops its last incomplete batch
+    assert len(dls.train) == -(-300//64) and len(dls.valid) == -(-130//64)  # train keeps its last batch of 300 % 64 = 44
     assert dls.split == 'test' and dls.names == ['train', 'test'] and len(dls.loaders) == 2
 
 
@@ -176,6 +176,28 @@ def test_subsets(cifar):
     assert len(cifar100_dls(cifar, n_train=10_000, device='cpu').train_ds) == 300  # more than there are: all
 
 
+def test_last_partial_batch(cifar, folder):
+    "The training loader keeps its last, smaller batch (as the CRD benchmark does), unless it would hold a single sample."
+    def epoch(dl):
+        sizes, seen = [], []
+        for x, y, i in dl: sizes.append(len(x)); seen += i.tolist()
+        return sizes, seen
+    dl = cifar100_dls(cifar, n_train=133, bs=32, with_index=True, device='cpu').train  # 133 % 32 = 5
+    sizes, seen = epoch(dl)
+    assert len(dl) == -(-133//32) == 5 and not dl.drop_last
+    assert sizes == [32]*4 + [5] and sorted(seen) == list(range(133))  # every sample exactly once
+    dl = cifar100_dls(cifar, n_train=129, bs=32, with_index=True, device='cpu').train  # 129 % 32 = 1
+    sizes, seen = epoch(dl)
+    assert len(dl) == 4 and dl.drop_last and sizes == [32]*4 and len(set(seen)) == 128  # the single leftover is dropped
+    assert not cifar100_dls(cifar, bs=64, device='cpu').valid.drop_last  # the other loaders never drop
+    # the holdout split: decided on what the training loader holds after the split (240 % 60 = 0, 240 % 239 = 1)
+    assert not cifar100_dls(cifar, split='holdout', valid_pct=0.2, bs=60, device='cpu').train.drop_last
+    assert cifar100_dls(cifar, split='holdout', valid_pct=0.2, bs=239, device='cpu').train.drop_last
+    # image folders too: 15 training images
+    assert len(imagenet_dls(folder, bs=4, num_workers=0, device='cpu').train) == 4  # 3 batches of 4, then 3
+    assert len(imagenet_dls(folder, bs=7, num_workers=0, device='cpu').train) == 2  # 15 % 7 = 1: dropped
+
+
 def test_learner_fit_and_get_preds(cifar):
     "fastai's Learner trains on these loaders; with_index batches split into xb=(x,), yb=(y, idx)."
     from fastai.learner import Learner
@@ -220,7 +242,7 @@ def test_distributed_dl(cifar, monkeypatch):
     assert len(batches) == len(ddl) == len(dl) and ddl.n_inp == 1
     x, y, i = batches[0]
     assert x.dtype == torch.float32 and x.shape == (64, 3, 32, 32)
-    assert torch.equal(y, dl.dataset.y[i]) and len(set(torch.cat([b[2] for b in batches]).tolist())) == len(dl)*64
+    assert torch.equal(y, dl.dataset.y[i]) and sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(len(dl.dataset)))
 
 
 def test_device_default_and_cuda(cifar):
@@ -298,6 +320,145 @@ def test_imagenet_index_holdout_and_labels(folder, tmp_path):
 def test_imagenet_not_found(tmp_path):
     with pytest.raises(DataNotFoundError) as e: imagenet_dls(tmp_path/'nothing', num_workers=0)
     assert 'image-net.org' in str(e.value) and 'val/<class>' in str(e.value)
+
+
+# ---------------------------------------------------------------- export and predict
+
+def tiny_net(c):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, c))
+
+
+def kind_dls(kind, request, **kw):
+    "Small loaders of each kind, on CPU."
+    if kind == 'cifar100': return cifar100_dls(request.getfixturevalue('cifar'), n_train=96, bs=32, device='cpu', **kw)
+    if kind == 'svhn': return svhn_dls(request.getfixturevalue('svhn'), n_train=96, bs=32, device='cpu', **kw)
+    if kind == 'imagenet': return imagenet_dls(request.getfixturevalue('folder'), bs=4, size=32, resize=36, num_workers=0, device='cpu', **kw)
+    return fashion_mnist_dls(n_train=96, n_valid=32, bs=32, device='cpu', **kw)
+
+
+def user_items(dls):
+    "One test image in each form a user may hold it."
+    from PIL import Image
+    ds = dls.valid_ds
+    if isinstance(ds, FolderDataset):
+        f = ds.samples[0][0]
+        return [f, Path(f), Image.open(f)]
+    x = ds[0][0]  # uint8 (c, h, w), as stored
+    a = x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()  # (h, w) or (h, w, c)
+    return [x, a, Image.fromarray(a)]
+
+
+KINDS = ['cifar100', 'svhn', 'imagenet', pytest.param('fashion_mnist', marks=needs_fm)]
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_export_predict(kind, request, tmp_path):
+    "learn.export, load_learner, predict: the class name, its index, the probabilities, as the original learner's get_preds."
+    from fastai.learner import Learner, load_learner
+    from fastai.losses import CrossEntropyLossFlat
+    torch.manual_seed(0)
+    dls = kind_dls(kind, request)
+    learn = Learner(dls, tiny_net(dls.c), loss_func=CrossEntropyLossFlat(), path=tmp_path)
+    with learn.no_logging(): learn.fit(1)
+    learn.export()
+    assert (tmp_path/'export.pkl').stat().st_size < 100_000  # no images in it (the fake CIFAR's training images alone are 900 kB)
+    probs0 = learn.get_preds(ds_idx=1)[0][0]
+    with pytest.warns(UserWarning, match='pickle'): inf = load_learner(tmp_path/'export.pkl')
+    assert inf.dls.vocab == dls.vocab and [len(dl.dataset) for dl in inf.dls.loaders] == [0, 0]
+    assert type(inf.dls.valid) is type(dls.valid) and type(inf.dls.valid_ds) is type(dls.valid_ds)
+    for item in user_items(dls):
+        name, idx, probs = inf.predict(item)
+        assert name in dls.vocab and name == dls.vocab[idx] and idx.ndim == 0
+        assert idx == probs.argmax() and probs.shape == (dls.c,)
+        torch.testing.assert_close(probs.sum(), torch.tensor(1.))
+        torch.testing.assert_close(probs, probs0)  # the valid loader's transforms: same normalisation, padding, crop
+    # with_input: the image decoded to [0, 1], as the model saw it (padded, channels repeated)
+    x, name2, _, _ = inf.predict(user_items(dls)[0], with_input=True)
+    xv = dls.valid.decode(dls.valid.one_batch())[0][0]
+    assert name2 == name and x.min() >= 0 and x.max() <= 1
+    torch.testing.assert_close(x, xv)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_test_dl_and_new_from_items(kind, request):
+    "dls.test_dl / dl.new of a list of images: an unlabelled dataset of the loader's kind, batches (x,), the valid transforms."
+    dls = kind_dls(kind, request)
+    items = user_items(dls)
+    tdl = dls.test_dl(items)
+    assert type(tdl) is type(dls.valid) and type(tdl.dataset) is type(dls.valid_ds) and tdl.dataset.y is None
+    assert tdl.after_batch is dls.valid.after_batch and not tdl.shuffle and not tdl.drop_last
+    (x,) = tdl.one_batch()
+    xv = dls.valid.one_batch()[0][:1]
+    torch.testing.assert_close(x, xv.expand(len(items), -1, -1, -1))
+    dec = dls.decode_batch((x, torch.tensor([1, 0, 2])))
+    assert [d[1] for d in dec] == [dls.vocab[1], dls.vocab[0], dls.vocab[2]]
+    torch.testing.assert_close(dec[0][0], dls.valid.after_batch.decode(x[:1])[0])
+    # new_empty: same classes, no samples
+    e = dls.valid_ds.new_empty()
+    assert type(e) is type(dls.valid_ds) and len(e) == 0 and e.vocab == dls.vocab
+
+
+def test_items_refused(cifar, folder):
+    "Images that do not fit the dataset stop with a message that says what was expected."
+    ds = cifar100_dls(cifar, device='cpu').valid_ds
+    x = ds[0][0]
+    with pytest.raises(ValueError, match=r'\(3, 32, 32\)'): ds.test_set([x[:, :28, :28]])
+    with pytest.raises(TypeError, match='uint8'): ds.test_set([x.float()])
+    with pytest.raises(TypeError, match='uint8'): ds.test_set([x.permute(1, 2, 0).numpy().astype(np.float32)])
+    with pytest.raises(TypeError, match='uint8'): ds.test_set([3])
+    fds = imagenet_dls(folder, num_workers=0, device='cpu').valid_ds
+    with pytest.raises(TypeError, match='file or a PIL image'): fds.test_set([x])
+    # a grey image given to an RGB dataset is converted, as a file would be
+    from PIL import Image
+    g = Image.fromarray(np.full((32, 32), 7, np.uint8))
+    assert ds.test_set([g]).x.shape == (1, 3, 32, 32)
+
+
+def test_array_dataset_unlabelled_and_decode():
+    x = torch.arange(4*3*2*2, dtype=torch.uint8).reshape(4, 3, 2, 2)
+    ds = ArrayDataset(x, None, ['a', 'b'])
+    assert ds.y is None and ds.batch([2, 0])[0].equal(x[[2, 0]]) and len(ds.batch([1])) == 1 and ds[3][0].equal(x[3])
+    assert ds.subset([1, 2]).batch([0])[0].equal(x[[1]])
+    lab = ArrayDataset(x, torch.tensor([0, 1, 1, 0]), ['a', 'b'], with_index=True)
+    d = lab.decode((x[0], torch.tensor(1), torch.tensor(3)))
+    assert len(d) == 3 and torch.equal(d[0], x[0])
+    assert d[1] == 'b' and d[2] == 3  # the index passes through
+    assert lab.decode((x[0], 0))[1] == 'a'
+    p = torch.tensor([0.2, 0.8])
+    assert lab.decode((x[0], p))[1] is p  # not a class index: unchanged
+    e = lab.new_empty()
+    assert e.x.shape == (0, 3, 2, 2) and e.x.untyped_storage().nbytes() == 0 and e.with_index and e.vocab == ['a', 'b']
+
+
+def test_batch_tfm_decode_and_pickle():
+    import pickle
+    tfm = BatchTfm(*STATS['cifar100'])
+    x, y = tfm((torch.full((2, 3, 4, 4), 128, dtype=torch.uint8), torch.tensor([1, 2])))
+    d = tfm.decode((x, y, 'rest'))
+    assert isinstance(d, tuple) and d[1] is y and d[2] == 'rest'
+    torch.testing.assert_close(d[0], tfm.decode(x))
+    torch.testing.assert_close(d[0], torch.full_like(x, 128/255))
+    assert list(tfm._dev) == [torch.device('cpu')] and '_dev' not in tfm.__getstate__()
+    t2 = pickle.loads(pickle.dumps(tfm))
+    assert t2._dev == {} and torch.equal(t2((torch.full((1, 3, 4, 4), 128, dtype=torch.uint8),))[0], x[:1])
+
+
+def test_export_from_cuda_loaders_loads_on_cpu(cifar, tmp_path):
+    "Loaders built for CUDA (pinned memory) export without touching a GPU, and load on the CPU without pinning."
+    from fastai.learner import Learner, load_learner
+    from fastai.losses import CrossEntropyLossFlat
+    dls = cifar100_dls(cifar, n_train=64, device='cuda')  # no CUDA call until a batch is made
+    assert dls.train.pin_memory and dls.device.type == 'cuda'
+    dls.train.after_batch._dev[torch.device('cuda')] = 'a cache that must not be pickled'
+    Learner(dls, tiny_net(dls.c), loss_func=CrossEntropyLossFlat(), path=tmp_path).export()
+    with pytest.warns(UserWarning, match='pickle'): inf = load_learner(tmp_path/'export.pkl', cpu=True)
+    assert inf.dls.device.type == 'cpu'
+    assert all(not dl.pin_memory and not dl.fake_l.pin_memory and dl.after_batch._dev == {} for dl in inf.dls.loaders)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # e.g. PyTorch's "pin_memory ... no accelerator is found"
+        name, idx, probs = inf.predict(dls.valid_ds[0][0])
+    assert name == dls.vocab[idx]
 
 
 # ---------------------------------------------------------------- Fashion-MNIST: formats and search order
@@ -403,7 +564,7 @@ def test_real_fashion_mnist_epoch_time():
     t = time.perf_counter()
     n = sum(len(b[0]) for b in dl)
     dt = time.perf_counter() - t
-    assert n == 937*64
+    assert n == 60_000  # 937 batches of 64, then the last 32
     assert dt < 30, f'{dt:.1f} s for one epoch of loading'
 
 
