@@ -6,19 +6,21 @@ Docs: https://otkd-nb.github.io/otkd_nb/callbacks.html.md"""
 
 # %% ../nbs/06_callbacks.ipynb #d7646e9d
 from __future__ import annotations
-import math, weakref, torch
+import math, random, warnings, weakref, contextlib, torch, numpy as np
 from torch import nn, Tensor
 from fastcore.basics import store_attr
 from fastai.learner import Learner, Metric
 from fastai.optimizer import Optimizer
 from fastai.callback.core import Callback
+from fastai.torch_core import to_device
 from .features import FeatureHooks, default_layers, connector_for
 from .losses import *
 
 # %% auto #0
-__all__ = ['strip_distill', 'DistillCallback', 'KDCallback', 'OTCallback', 'IPOTCallback', 'REMDCallback', 'ExactOTCallback',
-           'SinkhornCallback', 'FitNetCallback', 'RKDCallback', 'PKTCallback', 'ATCallback', 'SPCallback', 'CCCallback',
-           'CRDCallback', 'synthetic_dls', 'TinyNet']
+__all__ = ['preserve_rng', 'n_inputs', 'sample_batch', 'strip_distill', 'ExportStudent', 'DistillCallback', 'KDCallback',
+           'OTCallback', 'IPOTCallback', 'REMDCallback', 'ExactOTCallback', 'SinkhornCallback', 'FitNetCallback',
+           'RKDCallback', 'PKTCallback', 'ATCallback', 'SPCallback', 'CCCallback', 'dataset_labels', 'CRDCallback',
+           'synthetic_dls', 'TinyNet']
 
 # %% ../nbs/06_callbacks.ipynb #52a65abb
 class _TermMetric(Metric):
@@ -60,17 +62,73 @@ class _CleanupOnError:
                 if isinstance(cb, DistillCallback): cb._remove_hooks()
             raise
 
+# %% ../nbs/06_callbacks.ipynb #2896b296
+@contextlib.contextmanager
+def preserve_rng(device:torch.device|None=None):
+    "Restore Python's, NumPy's and torch's random states (and `device`'s, on CUDA) on exit."
+    py, npy = random.getstate(), np.random.get_state()
+    devs = [device] if device is not None and torch.device(device).type == 'cuda' else []
+    with torch.random.fork_rng(devices=devs):
+        try: yield
+        finally: random.setstate(py); np.random.set_state(npy)
+
+def n_inputs(
+    learn, # a fastai `Learner`
+    b:tuple, # one whole batch, inputs then targets
+)->int:
+    "How many elements of `b` are inputs: the loaders' `n_inp`, else their dataset's, else all but the last (as fastai's `Learner`)."
+    n = getattr(learn.dls, 'n_inp', None)
+    if n is None: n = getattr(getattr(learn.dls.train, 'dataset', None), 'n_inp', None)
+    return n if n is not None else 1 if len(b) == 1 else len(b) - 1
+
+def sample_batch(
+    dl, # a fastai `DataLoader` or a PyTorch `DataLoader` over a map-style dataset
+    n:int=2, # the first `n` samples of its dataset
+    device:torch.device|None=None, # where the batch goes; None: the loader's device
+)->tuple:
+    "A batch of the first `n` samples of `dl`'s dataset, through `dl`'s transforms, leaving `dl` and every random state untouched."
+    if type(dl).__name__ == 'DistributedDL': dl = dl.dl  # fastai's distributed wrapper: the loader it wraps
+    ds = getattr(dl, 'dataset', None)
+    if ds is None or not hasattr(ds, '__getitem__'):
+        raise TypeError(f"The distillation callbacks read feature shapes from the first samples of the training set, but this loader's "
+                        f"dataset ({type(ds).__name__}) cannot be indexed; give the Learner loaders over a map-style dataset.")
+    k = min(n, len(ds))
+    with preserve_rng(device):
+        if hasattr(dl, 'do_batch') and hasattr(dl, 'do_item'):  # fastai
+            b = dl.after_batch(to_device(dl.do_batch([dl.do_item(i) for i in range(k)]), device or dl.device))
+        else: b = to_device(dl.collate_fn([ds[i] for i in range(k)]), device)  # PyTorch
+    return tuple(b) if isinstance(b, (tuple, list)) else (b,)
+
 # %% ../nbs/06_callbacks.ipynb #2862e341
 def strip_distill(model:nn.Module)->nn.Module:
     "Remove the distillation parts (connectors, embeddings) attached to a student by the callbacks; returns the model."
     if 'distill' in model._modules: del model._modules['distill']
     return model
 
+# %% ../nbs/06_callbacks.ipynb #5529f5b3
+class ExportStudent:
+    "`learn.export` of a learner with distillation callbacks: the exported learner holds the student alone."
+    def __init__(self, learn): self.learn = learn
+    def __call__(self, *args, **kwargs):
+        learn, d = self.learn, self.learn.__dict__
+        saved = {k: d.pop(k) for k in ('export', '_do_fit', '_distill_shared') if k in d}
+        metrics, cbs = list(learn.metrics), [cb for cb in learn.cbs if isinstance(cb, DistillCallback)]
+        bare = getattr(learn.model, 'module', learn.model)
+        parts = bare._modules.pop('distill', None)
+        opt, learn.opt = learn.opt, None  # fastai's export would rebuild it without the trainable parts
+        learn.remove_cbs(cbs)
+        learn.metrics = [m for m in metrics if not isinstance(m, _TermMetric)]
+        try: return type(learn).export(learn, *args, **kwargs)
+        finally:
+            if parts is not None: bare._modules['distill'] = parts
+            learn.add_cbs(cbs); learn.metrics = metrics; learn.opt = opt; d.update(saved)
+
 # %% ../nbs/06_callbacks.ipynb #75c46beb
 class DistillCallback(Callback):
     "Base class: adds `weight * compute(...)` to the training loss, with teacher and student features caught by name."
     order, run_valid = 5, False
     uses_features = True # False for terms that only need the outputs (KD)
+    min_batch = 1 # smallest batch the term is defined on: smaller ones (a last partial batch) skip it, recorded in `skipped`
     term = 'distill' # column name in the progress table
 
     def __init__(self,
@@ -86,6 +144,7 @@ class DistillCallback(Callback):
         self.metric = _TermMetric(self.term)
         self._sum = self._n = 0
         self._batches, self.history = [], []  # this term on each training batch: this epoch's tensors, all epochs' floats
+        self.skipped = []  # `(epoch, batch, reason)` of the training batches on which the term was not computed
 
     # -- what a subclass defines
     def layers_for(self, model:nn.Module, role:str)->list:
@@ -107,7 +166,9 @@ class DistillCallback(Callback):
             self._remove_hooks()
             old = self.__dict__.get('_learn')
             if old is not None and self.metric in old.metrics: old.metrics = [m for m in old.metrics if m is not self.metric]
-        elif not isinstance(learn.__dict__.get('_do_fit'), _CleanupOnError): learn._do_fit = _CleanupOnError(learn)
+        else:
+            if not isinstance(learn.__dict__.get('_do_fit'), _CleanupOnError): learn._do_fit = _CleanupOnError(learn)
+            if not isinstance(learn.__dict__.get('export'), ExportStudent): learn.export = ExportStudent(learn)
         self.__dict__['_learn'] = learn
 
     @property
@@ -139,10 +200,13 @@ class DistillCallback(Callback):
         p = next(self.learn.model.parameters(), None)
         return p.device if p is not None else self.learn.dls.device
 
+    def inputs(self, b:tuple)->tuple:
+        "The model's inputs in a whole batch `b`."
+        return b[:n_inputs(self.learn, b)]
+
     def _probe(self):
-        "Run both models on two training samples: check the feature batches, build the trainable parts."
-        b = self.learn.dls.train.one_batch()
-        xb = tuple(x[:2].to(self._device()) for x in b[:self.learn.dls.n_inp])
+        "Run both models on the first two training samples (no batch drawn from the loader): check the feature batches."
+        xb = self.inputs(sample_batch(self.learn.dls.train, 2, self._device()))
         model, was_training = self.learn.model, self.learn.model.training
         model.eval()
         try:
@@ -163,7 +227,7 @@ class DistillCallback(Callback):
         if not self.uses_features: self.s_layers = self.t_layers = []; return False
         self.s_layers, self.t_layers = self._layers()
         if self.extras is not None or self._probed_already(): return False  # set up already, or nothing to build
-        extras = self.build(*self._probe())
+        with preserve_rng(self._device()): extras = self.build(*self._probe())  # initialising the parts draws nothing from the run's random state
         if extras is None:
             self._probed = (weakref.ref(self.learn.model), weakref.ref(self.teacher), (self.s_layers, self.t_layers))
             return False
@@ -200,10 +264,10 @@ class DistillCallback(Callback):
         for m in (sh.metric, self.metric):
             if m not in self.learn.metrics: self.learn.metrics = self.learn.metrics + [m]
         if self.ce_weight is not None:
-            if sh.ce is not None and sh.ce[1] != self.ce_weight:
-                raise ValueError(f"{type(self).__name__}: ce_weight={self.ce_weight} but {sh.ce[0]} set ce_weight={sh.ce[1]}; "
+            if sh.ce is not None and sh.ce[0] is not self and sh.ce[0] in self.learn.cbs and sh.ce[1] != self.ce_weight:
+                raise ValueError(f"{type(self).__name__}: ce_weight={self.ce_weight} but {type(sh.ce[0]).__name__} set ce_weight={sh.ce[1]}; "
                                  "give the task-loss weight in one callback only.")
-            sh.ce = (type(self).__name__, self.ce_weight)
+            sh.ce = (self, self.ce_weight)
 
     def before_train(self):
         self._sum, self._n = 0., 0
@@ -211,16 +275,21 @@ class DistillCallback(Callback):
 
     def after_loss(self):
         learn, sh = self.learn, _shared(self.learn)
-        t_out = sh.teacher_output(self.teacher, learn.xb)
-        s_feats = self.s_hooks.features if self.uses_features else []
-        t_feats = self.t_hooks.features if self.uses_features else []
-        term = self.compute(s_feats, t_feats, learn.pred, t_out)
         bs = learn.xb[0].shape[0]
         if sh.ce_xb is not learn.xb:  # first term of this batch: record the task loss, reweight it if asked
             sh.ce_xb = learn.xb
             sh.ce_sum, sh.ce_n = sh.ce_sum + learn.loss_grad.detach().float() * bs, sh.ce_n + bs
             sh.ce_batches.append(learn.loss_grad.detach().float())
             if sh.ce is not None: learn.loss_grad = sh.ce[1] * learn.loss_grad
+            learn.loss = learn.loss_grad.detach().clone()
+        if bs < self.min_batch:  # e.g. a last batch of one: no transport problem, no relations between samples
+            self.skipped.append((learn.epoch, learn.iter, f"batch of {bs} < {self.min_batch}"))
+            self._batches.append(torch.full((), float('nan'), device=learn.loss_grad.device))
+            return
+        t_out = sh.teacher_output(self.teacher, learn.xb)
+        s_feats = self.s_hooks.features if self.uses_features else []
+        t_feats = self.t_hooks.features if self.uses_features else []
+        term = self.compute(s_feats, t_feats, learn.pred, t_out)
         learn.loss_grad = learn.loss_grad + self.weight * term
         learn.loss = learn.loss_grad.detach().clone()
         self._sum, self._n = self._sum + term.detach().float() * bs, self._n + bs
@@ -233,7 +302,7 @@ class DistillCallback(Callback):
     def after_train(self):
         "Epoch averages for the progress table, and the per-batch values in `history` (one host sync per epoch)."
         self.metric.val = (self._sum / self._n).item() if self._n else None
-        if self._batches: self.history += torch.stack(self._batches).tolist(); self._batches = []
+        if self._batches: self.history += torch.stack(self._batches).tolist(); self._batches = []  # NaN where skipped
         sh = _shared(self.learn)
         sh.metric.val = (sh.ce_sum / sh.ce_n).item() if sh.ce_n else None
         if sh.ce_batches: sh.history += torch.stack(sh.ce_batches).tolist(); sh.ce_batches = []
@@ -254,12 +323,21 @@ class KDCallback(DistillCallback):
     uses_features, term = False, 'kd'
     def __init__(self,
         teacher:nn.Module, # the teacher model
-        weight:float=0.9, # weight of the KD term (0.9 in the CRD benchmark)
+        weight:float|str='auto', # weight of the KD term; 'auto': 0.9 alone, 1 with other distillation terms (the CRD benchmark's `-a`)
         T:float=4., # temperature (4 in the CRD benchmark on CIFAR-100)
-        ce_weight:float|None=0.1, # weight of the task loss (0.1 in the CRD benchmark); None leaves it at 1
+        ce_weight:float|str|None='auto', # weight of the task loss; 'auto': 0.1 alone, 1 with other terms (the benchmark's `-r`); None: 1
     ):
         super().__init__(teacher, weight=weight, ce_weight=ce_weight)
+        self.weights = (weight, ce_weight)  # as asked; `weight` and `ce_weight` hold the values in use
         self.kd = KDLoss(T)
+
+    def before_fit(self):
+        alone = not any(isinstance(cb, DistillCallback) and not isinstance(cb, KDCallback) for cb in self.learn.cbs)
+        w, ce = self.weights
+        self.weight = (0.9 if alone else 1.) if w == 'auto' else w
+        self.ce_weight = (0.1 if alone else 1.) if ce == 'auto' else ce
+        super().before_fit()
+
     def compute(self, s_feats, t_feats, s_out, t_out): return self.kd(s_out, t_out)
 
 # %% ../nbs/06_callbacks.ipynb #94a3921c
@@ -267,7 +345,7 @@ _CAPTURABLE = ('ipot', 'sinkhorn', 'remd')  # 'exact' solves on the CPU: it cann
 
 class OTCallback(DistillCallback):
     "Feature-level OT distillation with any solver of `otkd_nb.losses.OT_SOLVERS`."
-    term = 'ot'
+    term, min_batch = 'ot', 2  # one sample on each side is no transport problem
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=1.0, # weight of the OT term (alpha in the paper)
@@ -369,7 +447,7 @@ class FitNetCallback(DistillCallback):
 
 class RKDCallback(DistillCallback):
     "Relational KD: distances and angles between the samples of a batch, on the penultimate features."
-    term = 'rkd'
+    term, min_batch = 'rkd', 2  # relations between the samples of a batch
     def __init__(self, teacher:nn.Module, weight:float=1., student_layers:list|None=None, teacher_layers:list|None=None,
                  w_dist:float=25., w_angle:float=50., ce_weight:float|None=None):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
@@ -379,7 +457,7 @@ class RKDCallback(DistillCallback):
 
 class PKTCallback(DistillCallback):
     "Probabilistic knowledge transfer on the penultimate features."
-    term = 'pkt'
+    term, min_batch = 'pkt', 2  # relations between the samples of a batch
     def __init__(self, teacher:nn.Module, weight:float=30000., student_layers:list|None=None, teacher_layers:list|None=None,
                  ce_weight:float|None=None):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
@@ -399,7 +477,7 @@ class ATCallback(DistillCallback):
 
 class SPCallback(DistillCallback):
     "Similarity-preserving KD on the last stage output."
-    term = 'sp'
+    term, min_batch = 'sp', 2  # relations between the samples of a batch
     def __init__(self, teacher:nn.Module, weight:float=3000., student_layers:list|None=None, teacher_layers:list|None=None,
                  ce_weight:float|None=None):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
@@ -409,7 +487,7 @@ class SPCallback(DistillCallback):
 
 class CCCallback(DistillCallback):
     "Correlation congruence on embedded penultimate features (the CRD benchmark's form and weight)."
-    term = 'cc'
+    term, min_batch = 'cc', 2  # relations between the samples of a batch
     def __init__(self, teacher:nn.Module, weight:float=0.02, student_layers:list|None=None, teacher_layers:list|None=None,
                  feat_dim:int=128, form:str='crd', ce_weight:float|None=None):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
@@ -420,29 +498,66 @@ class CCCallback(DistillCallback):
     def compute(self, s_feats, t_feats, s_out, t_out): return self.extras(s_feats[0], t_feats[0])
 
 # %% ../nbs/06_callbacks.ipynb #bc6b78e7
+def dataset_labels(
+    ds, # a dataset
+)->Tensor|None: # `(len(ds),)` int64, or None when the dataset does not say
+    "The class of every sample of `ds`, from its `y` (`otkd_nb.data`), `targets` (torchvision) or second tensor (`TensorDataset`), without reading the samples."
+    for y in (getattr(ds, 'y', None), getattr(ds, 'targets', None), (getattr(ds, 'tensors', None) or (None, None))[1]):
+        if y is None: continue
+        try: y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError): continue
+        if y.ndim == 1 and y.shape[0] == len(ds) and not y.is_floating_point(): return y.long()
+    return None
+
 class CRDCallback(DistillCallback):
     "Contrastive representation distillation on the penultimate features; batches must carry the dataset index."
     term, run_valid = 'crd', True
-    def __init__(self, teacher:nn.Module, weight:float=0.8, student_layers:list|None=None, teacher_layers:list|None=None,
-                 n_data:int|None=None, feat_dim:int=128, n_neg:int=16384, T:float=0.07, momentum:float=0.5,
-                 ce_weight:float|None=None):
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=0.8, # weight of the CRD term (the benchmark's `-b 0.8`)
+        student_layers:list|None=None, # student layer; None: the pooled penultimate feature
+        teacher_layers:list|None=None, # teacher layer; None: the pooled penultimate feature
+        n_data:int|None=None, # rows of the memory bank; None: the size of the training set
+        feat_dim:int=128, # size of the embeddings (the benchmark's `--feat_dim`)
+        n_neg:int=16384, # negatives per anchor (`--nce_k`)
+        T:float=0.07, # temperature of the scores (`--nce_t`)
+        momentum:float=0.5, # momentum of the memory update (`--nce_m`)
+        negatives:str='class', # 'class': from the other classes' samples (the benchmark's `mode='exact'`); 'uniform': over the whole training set
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+    ):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
-        store_attr('n_data,feat_dim,n_neg,T,momentum')
+        if negatives not in ('class', 'uniform'): raise ValueError(f"negatives must be 'class' or 'uniform', not {negatives!r}.")
+        store_attr('n_data,feat_dim,n_neg,T,momentum,negatives')
         self.idx = None
     def layers_for(self, model, role): return _last(model, role)
+    def inputs(self, b): return b[:self._n_inp(b)]
+    def _n_inp(self, b)->int:
+        "Inputs come first, then the label and the index: all but the last two, unless the dataset says its `n_inp`."
+        n = getattr(getattr(self.learn.dls.train, 'dataset', None), 'n_inp', None)
+        return n if n is not None else max(len(b) - 2, 1)
     def build(self, s_shapes, t_shapes):
-        n = self.n_data or len(self.learn.dls.train.dataset)
-        return CRDLoss(math.prod(s_shapes[0]), math.prod(t_shapes[0]), n, self.feat_dim, self.n_neg, self.T, self.momentum)
+        ds = self.learn.dls.train.dataset
+        n, labels = self.n_data or len(ds), None
+        if self.negatives == 'class':
+            labels = dataset_labels(ds)
+            if labels is None or labels.shape[0] != n:
+                warnings.warn(f"CRDCallback: the labels of the training set are unknown (its dataset has no `y`, `targets` or label tensor), "
+                              "so the negatives are drawn uniformly over it, not from the other classes; pass negatives='uniform' to say so.")
+                labels = None
+        return CRDLoss(math.prod(s_shapes[0]), math.prod(t_shapes[0]), n, self.feat_dim, self.n_neg, self.T, self.momentum, labels=labels)
     def before_fit(self):
-        if len(self.learn.dls.train.one_batch()) < self.learn.dls.n_inp + 2: self._no_index()
+        b = sample_batch(self.learn.dls.train, 2, self._device())
+        if len(b) < self._n_inp(b) + 2: self._no_index()
         super().before_fit()
     def _no_index(self):
         raise ValueError("CRDCallback needs each sample's dataset index: batches must be `(x, y, idx)`; "
                          "build the DataLoaders with `with_index=True` (see `otkd_nb.data`).")
     def before_batch(self):
-        if len(self.learn.yb) < 2: self._no_index()
-        self.idx = self.learn.yb[-1]
-        self.learn.yb = self.learn.yb[:-1]
+        "Take the index out of the batch (training and validation), so that the model and the loss see `(x, y)`."
+        b = (*self.learn.xb, *self.learn.yb)
+        n = self._n_inp(b)
+        if len(b) < n + 2: self._no_index()
+        self.learn.xb, self.learn.yb, self.idx = b[:n], b[n:-1], b[-1]
     def after_loss(self):
         if self.training: super().after_loss()
     def compute(self, s_feats, t_feats, s_out, t_out): return self.extras(s_feats[0], t_feats[0], self.idx)

@@ -34,12 +34,12 @@ except (ImportError, NameError): DistributedDL = None
 # %% auto #0
 __all__ = ['RECIPES', 'SMALL_MODELS', 'METHOD_PARTS', 'OT_PARTS', 'PAPER_METHODS', 'DATASETS', 'RUN_FILES', 'RUNTIME_KEYS',
            'Recipe', 'recipe_lr', 'scaled_milestones', 'SchedStep', 'parse_method', 'canonical_method', 'needs_index',
-           'gather_batch', 'GlobalOT', 'train_class', 'part_options', 'check_options', 'method_callbacks',
-           'write_atomic', 'write_json', 'read_json', 'RunLearner', 'TrainAccuracy', 'AtomicCSVLogger', 'model_state',
-           'opt_state', 'load_opt_state', 'RunCheckpoint', 'cpu_seconds', 'AutoThreads', 'get_dls', 'RunExistsError',
-           'RunConfigError', 'check_folder', 'start_folder', 'fit_run', 'train_teacher', 'get_teacher', 'distill',
-           'train_teacher_parser', 'distill_parser', 'parse_options', 'train_teacher_main', 'distill_main',
-           'demo_table', 'demo_plot', 'demo', 'demo_parser', 'demo_main']
+           'gather_batch', 'GlobalOT', 'train_class', 'part_options', 'check_options', 'kd_weights', 'method_callbacks',
+           'method_weights', 'weights_table', 'write_atomic', 'write_json', 'read_json', 'RunLearner', 'TrainAccuracy',
+           'AtomicCSVLogger', 'model_state', 'opt_state', 'load_opt_state', 'RunCheckpoint', 'cpu_seconds',
+           'AutoThreads', 'get_dls', 'RunExistsError', 'RunConfigError', 'check_folder', 'start_folder', 'fit_run',
+           'train_teacher', 'get_teacher', 'distill', 'train_teacher_parser', 'distill_parser', 'parse_options',
+           'train_teacher_main', 'distill_main', 'demo_table', 'demo_plot', 'demo', 'demo_parser', 'demo_main']
 
 # %% ../nbs/09_train.ipynb #b9ebd4d0
 @dataclass(frozen=True)
@@ -53,15 +53,17 @@ class Recipe:
     wd:float=5e-4 # L2 weight decay, added to the gradient as torch's `SGD(weight_decay=)` does (not decoupled)
     bs:int=64 # total batch size, over all processes
     T:float=4. # KD temperature
-    ce_weight:float=0.1 # weight of the task loss when KD is used
-    kd_weight:float=0.9 # weight of the KD term
+    ce_weight:float=0.1 # KD alone: weight of the task loss (the benchmark's `-r 0.1`)
+    kd_weight:float=0.9 # KD alone: weight of the KD term (`-a 0.9`)
+    ce_weight_combined:float=1. # KD with another method ("X+KD"): weight of the task loss (`-r 1`)
+    kd_weight_combined:float=1. # KD with another method: weight of the KD term (`-a 1`)
     small_lr:float|None=None # learning rate of MobileNetV2 and ShuffleNet students, if different
     source:str='' # where the recipe comes from
 
 RECIPES = dict(
     cifar100=Recipe(240, 0.05, (150, 180, 210), small_lr=0.01, source='the CRD benchmark'),
     imagenet=Recipe(100, 0.2, (30, 60, 90), wd=1e-4, bs=512, T=1., ce_weight=0.5, kd_weight=0.5,
-                    source='the usual ImageNet KD recipe (ResNet-34 -> ResNet-18)'),
+                    source="mdistiller's ImageNet KD recipe (ResNet-34 -> ResNet-18); combinations: the CRD benchmark's rule (CE 1, KD 1)"),
     svhn=Recipe(40, 0.05, (25, 30, 35), small_lr=0.01, source="ours: CIFAR-100's recipe compressed to 40 epochs"),
     fashion_mnist=Recipe(16, 0.05, (10, 12, 14), source="ours: CIFAR-100's recipe compressed to 16 epochs"),
 )
@@ -174,6 +176,13 @@ def check_options(
         if bad: raise ValueError(f"{METHOD_PARTS[p].__name__} has no argument {sorted(bad)}; it takes {part_options(p)}.")
     return options
 
+def kd_weights(
+    method:str, # a method that contains 'kd'
+    recipe:Recipe=RECIPES['cifar100'], # the dataset's recipe
+)->tuple: # `(ce_weight, kd_weight)`
+    "The weights of the task loss and of KD in `method`: the recipe's for KD alone, its combined ones for KD with another method."
+    return (recipe.ce_weight, recipe.kd_weight) if parse_method(method) == ['kd'] else (recipe.ce_weight_combined, recipe.kd_weight_combined)
+
 def method_callbacks(
     method:str, # 'student', or parts joined by '+', e.g. 'ipot+kd'
     teacher:nn.Module|None, # the teacher (None only for 'student')
@@ -181,14 +190,43 @@ def method_callbacks(
     global_ot:bool=False, # OT over the global batch in distributed runs
     options:dict|None=None, # arguments of the parts' callbacks, e.g. `{'ipot': {'weight': 2, 'beta': 0.1}}`
 )->list:
-    "The distillation callbacks of `method`: KD with the recipe's weights, the others with their callbacks' defaults, both overridden by `options`."
+    "The distillation callbacks of `method`: KD with the recipe's weights (`kd_weights`), the others with their callbacks' defaults, all overridden by `options`."
     parts, options = parse_method(method), check_options(method, options)
     if parts and teacher is None: raise ValueError(f"Method {method!r} needs a teacher.")
     cbs = []
     for p in parts:
-        kw = dict(weight=recipe.kd_weight, T=recipe.T, ce_weight=recipe.ce_weight) if p == 'kd' else {}
+        kw = dict(zip(('ce_weight', 'weight'), kd_weights(method, recipe)), T=recipe.T) if p == 'kd' else {}
         cbs.append(train_class(METHOD_PARTS[p], global_ot and p in OT_PARTS)(teacher, **{**kw, **options.get(p, {})}))
     return cbs
+
+# %% ../nbs/09_train.ipynb #03d1cf75
+def method_weights(
+    method:str, # a method, e.g. 'ipot+kd'
+    recipe:Recipe=RECIPES['cifar100'], # the dataset's recipe
+    options:dict|None=None, # arguments of the parts' callbacks, as for `method_callbacks`
+)->dict: # `{'ce': w, <part>: w, ...}`
+    "The weight of the task loss and of each term of `method`, read from the callbacks that `method_callbacks` builds."
+    cbs = method_callbacks(method, nn.Identity() if parse_method(method) else None, recipe, options=options)
+    ce = [c.ce_weight for c in cbs if c.ce_weight is not None]
+    return {'ce': ce[0] if ce else 1., **{p: c.weight for p, c in zip(parse_method(method), cbs)}}
+
+def _flags(w:dict)->str:
+    x = [f"{p} {v:g}" for p, v in w.items() if p not in ('ce', 'kd')]
+    if not any(p in ('crd', 'fitnet', 'rkd', 'pkt', 'at', 'sp', 'cc') for p in w) and x: return 'none (the OT terms are not in the benchmark)'
+    if len(x) > 1: return 'none (a combination of several methods)'
+    return f"-r {w['ce']:g} -a {w.get('kd', 0):g} -b {x[0].split()[-1] if x else 0}"
+
+def weights_table(
+    methods:tuple=PAPER_METHODS, # the methods, rows of the table
+    recipe:Recipe=RECIPES['cifar100'], # the dataset's recipe
+)->str: # a markdown table
+    "The weight of each term of `methods`, with the CRD benchmark's flags for the same loss."
+    rows = ['| method | CE | KD | other terms | benchmark flags |', '|---|---|---|---|---|']
+    for m in methods:
+        w = method_weights(m, recipe)
+        other = ', '.join(f"{p} {v:g}" for p, v in w.items() if p not in ('ce', 'kd')) or '-'
+        rows.append(f"| {m} | {w['ce']:g} | {w['kd']:g} | {other} | {_flags(w)} |" if 'kd' in w else f"| {m} | {w['ce']:g} | 0 | {other} | {_flags(w)} |")
+    return '\n'.join(rows)
 
 # %% ../nbs/09_train.ipynb #559edbd7
 def _fsync_write(path:Path, write):
@@ -499,7 +537,7 @@ def fit_run(
     config = dict(model=model, dataset=dataset, method=method, teacher=teacher_name if teacher is not None else None,
                   epochs=epochs, milestones=scaled_milestones(recipe, epochs), gamma=recipe.gamma, lr=lr, momentum=recipe.momentum,
                   wd=wd, wd_type='L2 (coupled, as torch SGD weight_decay), on all parameters', bs=bs,
-                  kd=dict(T=recipe.T, ce_weight=recipe.ce_weight, kd_weight=recipe.kd_weight) if 'kd' in method else None,
+                  kd=dict(T=recipe.T, **dict(zip(('ce_weight', 'kd_weight'), kd_weights(method, recipe)))) if 'kd' in method else None,
                   seed=seed, n_train=n_train, n_valid=n_valid, split=split, global_ot=global_ot, options=options or None, recipe_source=recipe.source,
                   teacher_ckpt=None if teacher_ckpt is None else str(teacher_ckpt), data=None if data is None else str(data),
                   device=str(dev), precision=precision, stop_after=stop_after, threads=threads, num_workers=num_workers,

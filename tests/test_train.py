@@ -121,7 +121,7 @@ def test_tiny_run_writes_its_files_and_refuses_to_mix_runs(data, tmp_path, capsy
     assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)  # no temporary file left
     cfg = json.loads((out/'config.json').read_text())
     assert (cfg['method'], cfg['teacher'], cfg['epochs'], cfg['bs'], cfg['lr'], cfg['wd'], cfg['kd']) == \
-        ('ipot+kd', 'resnet8', 2, 64, 0.05, 5e-4, {'T': 4.0, 'ce_weight': 0.1, 'kd_weight': 0.9})
+        ('ipot+kd', 'resnet8', 2, 64, 0.05, 5e-4, {'T': 4.0, 'ce_weight': 1.0, 'kd_weight': 1.0})  # X+KD: the benchmark's -r 1 -a 1
     lines = (out/'log.csv').read_text().splitlines()
     assert lines[0].split(',') == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'ce', 'ipot', 'kd', 'train_accuracy', 'time']
     assert [l.split(',')[0] for l in lines[1:]] == ['0', '1']
@@ -140,7 +140,8 @@ def test_tiny_run_writes_its_files_and_refuses_to_mix_runs(data, tmp_path, capsy
     assert distill_main(tiny(data, out, '--method', 'kd', '--resume')) == 1  # another recipe: no resume either
     assert 'its recipe differs' in capsys.readouterr().err
     assert distill_main(tiny(data, out, '--method', 'kd', '--overwrite')) == 0
-    assert json.loads((out/'config.json').read_text())['method'] == 'kd'
+    cfg = json.loads((out/'config.json').read_text())
+    assert (cfg['method'], cfg['kd']) == ('kd', {'T': 4.0, 'ce_weight': 0.1, 'kd_weight': 0.9})  # KD alone: -r 0.1 -a 0.9
 
 
 def test_train_teacher_checkpoint_is_a_teacher(data, tmp_path):
@@ -194,8 +195,16 @@ class Dump(Callback):
     def after_fit(self):
         m = getattr(self.learn.model, 'module', self.learn.model)
         torch.save({k: v.detach().cpu() for k, v in m.state_dict().items()}, out/f'rank{rank_distrib()}.pt')
-res = distill('resnet8', 'resnet8', data/'resnet8_vanilla.pth', 'fitnet+ipot+kd', 'cifar100', out=out/'run', data=data/'cifar',
-              n_train=256, n_valid=64, epochs=2, bs=64, device='cpu', threads=1, global_ot=True, cbs=[Dump()])
+class Bank(Callback):
+    "CRD's memory bank after the first training batch, before DistributedDataParallel's next buffer broadcast."
+    order = 100
+    def after_batch(self):
+        if self.training and self.learn.iter == 0 and self.learn.epoch == 0:
+            m = getattr(self.learn.model, 'module', self.learn.model)
+            torch.save(m.distill['crd'].memory_s.cpu(), out/f'bank{rank_distrib()}.pt')
+res = distill('resnet8', 'resnet8', data/'resnet8_vanilla.pth', 'fitnet+ipot+crd+kd', 'cifar100', out=out/'run', data=data/'cifar',
+              n_train=256, n_valid=64, epochs=2, bs=64, device='cpu', threads=1, global_ot=True, cbs=[Dump(), Bank()],
+              options={'crd': {'n_neg': 256}})
 r, w = dist.get_rank(), dist.get_world_size()
 x = torch.full((3, 2), float(r + 1), requires_grad=True)
 g = gather_batch(x)
@@ -217,6 +226,7 @@ def test_two_processes_gloo(data, tmp_path):
     a, b = torch.load(tmp_path/'rank0.pt'), torch.load(tmp_path/'rank1.pt')
     assert a.keys() == b.keys() and any(k.startswith('distill.') for k in a)  # FitNet's regressor trained under DDP
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert torch.equal(torch.load(tmp_path/'bank0.pt'), torch.load(tmp_path/'bank1.pt'))  # each process applied the global batch's update
     run = tmp_path/'run'
     assert sorted(p.name for p in run.iterdir()) == sorted(RUN_FILES)  # one set of files, no temporary file left
     assert len((run/'log.csv').read_text().splitlines()) == 1 + 2
