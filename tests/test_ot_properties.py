@@ -92,3 +92,16 @@ def test_cosine_remd_gradients_match_the_formula(seed, n, m, d, B):
     assert torch.allclose(v, v0, rtol=0, atol=1e-12)
     for a, b in zip(torch.autograd.grad((w * v).sum(), (x, y)), torch.autograd.grad((w * v0).sum(), (x, y))):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+@cfg
+@given(st.integers(0, 2**31 - 1), st.integers(1, 6), st.integers(1, 4), st.integers(1, 4), st.integers(1, 5))
+def test_cost_of_feature_maps_is_the_cosine_of_the_flattened_maps(seed, b, c, h, w):
+    "Rank-4 feature maps `(b, c, h, w)`: C_ij = 1 - <x_i, y_j> / (|x_i| |y_j|) over the c*h*w values, written out in NumPy."
+    import numpy as np
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(b, c, h, w, generator=g, dtype=torch.float64), torch.randn(b + 1, c, h, w, generator=g, dtype=torch.float64)
+    X, Y = x.numpy().reshape(b, -1), y.numpy().reshape(b + 1, -1)
+    want = np.array([[1 - X[i] @ Y[j] / (np.linalg.norm(X[i]) * np.linalg.norm(Y[j])) for j in range(b + 1)] for i in range(b)])
+    got = cosine_cost(x, y)
+    assert got.shape == (b, b + 1)
+    np.testing.assert_allclose(got.numpy(), np.clip(want, 0, 2), atol=1e-12)
