@@ -15,12 +15,13 @@ from fastai.callback.core import Callback
 from fastai.torch_core import to_device
 from .features import FeatureHooks, default_layers, connector_for
 from .losses import *
+from .wkd import WassersteinLogitLoss, GaussianWassersteinLoss, class_cost_from_weights, sharpen_cost, wkd_target_loss
 
 # %% auto #0
 __all__ = ['preserve_rng', 'n_inputs', 'sample_batch', 'strip_distill', 'ExportStudent', 'DistillCallback', 'KDCallback',
            'OTCallback', 'IPOTCallback', 'REMDCallback', 'ExactOTCallback', 'SinkhornCallback', 'FitNetCallback',
            'RKDCallback', 'PKTCallback', 'ATCallback', 'SPCallback', 'CCCallback', 'dataset_labels', 'CRDCallback',
-           'synthetic_dls', 'TinyNet']
+           'classifier_weights', 'WKDLCallback', 'WKDFCallback', 'synthetic_dls', 'TinyNet']
 
 # %% ../nbs/06_callbacks.ipynb #52a65abb
 class _TermMetric(Metric):
@@ -561,6 +562,73 @@ class CRDCallback(DistillCallback):
     def after_loss(self):
         if self.training: super().after_loss()
     def compute(self, s_feats, t_feats, s_out, t_out): return self.extras(s_feats[0], t_feats[0], self.idx)
+
+# %% ../nbs/06_callbacks.ipynb #b149cda9
+def classifier_weights(
+    model:nn.Module, # a classifier whose last `nn.Linear` gives the logits
+    n_classes:int|None=None, # check that it has this many outputs
+)->Tensor: # `(n_classes, d)`
+    "The weight matrix of the last linear layer of `model`: one row per class."
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not lin: raise ValueError(f"{type(model).__name__} has no nn.Linear layer to read class weights from; pass WKDLCallback a `cost=`.")
+    W = lin[-1].weight.detach()
+    if n_classes is not None and W.shape[0] != n_classes:
+        raise ValueError(f"The last linear layer of {type(model).__name__} has {W.shape[0]} outputs, the logits {n_classes} classes; pass a `cost=`.")
+    return W
+
+class WKDLCallback(DistillCallback):
+    "WKD-L: the Wasserstein distance between the teacher's and the student's softened class distributions, per sample."
+    uses_features, term = False, 'wkdl'
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=600., # weight of the WD term (the WKD code's 600 for resnet32x4 -> resnet8x4 on CIFAR-100)
+        cost:Tensor|None=None, # `(n_classes, n_classes)` class cost; None: `sharpen_cost(class_cost_from_weights(W))` from the teacher's classifier
+        T:float=8., # temperature (the WKD code's 8)
+        reg:float=0.05, # Sinkhorn regularisation (the WKD code's 0.05)
+        n_iter:int=10, # Sinkhorn sweeps (the WKD code's 10)
+        separate_target:bool=True, # the WKD code's target separation: the true class leaves both distributions, and `wkd_target_loss` is added
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+    ):
+        super().__init__(teacher, weight=weight, ce_weight=ce_weight)
+        store_attr('cost,T,reg,n_iter,separate_target')
+        self.loss = None
+    def _loss(self, n_classes:int, device)->WassersteinLogitLoss:
+        if self.loss is None or len(self.loss.cost) != n_classes:
+            C = self.cost if self.cost is not None else sharpen_cost(class_cost_from_weights(classifier_weights(self.teacher, n_classes)))
+            self.loss = WassersteinLogitLoss(C, T=self.T, reg=self.reg, n_iter=self.n_iter)
+        return self.loss.to(device)
+    def compute(self, s_feats, t_feats, s_out, t_out):
+        loss = self._loss(s_out.shape[1], s_out.device)
+        if not self.separate_target: return loss(s_out, t_out)
+        y = self.learn.yb[0]
+        target = wkd_target_loss(s_out, t_out, y) / self.weight if self.weight else 0.  # weight 1 in the WKD code, whatever `weight`
+        return loss(s_out, t_out, y) + target
+
+class WKDFCallback(DistillCallback):
+    "WKD-F: the 2-Wasserstein distance between per-sample Gaussians of student and teacher feature maps (last stage by default)."
+    term = 'wkdf'
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=0.08, # weight of the term (the WKD code's 0.08 for resnet32x4 -> resnet8x4)
+        student_layers:list|None=None, # student layer of feature maps; None: the last stage output
+        teacher_layers:list|None=None, # teacher layer; None: the last stage output
+        cov:str='diag', # 'diag' (the WKD code) or 'full'
+        mean_weight:float=4., # weight of the means' part against the covariances' (the WKD code's `MEAN_COV_RATIO` 4)
+        eps:float=1e-5, # added to the variances (the WKD code's 1e-5)
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+    ):
+        super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
+        self.loss = GaussianWassersteinLoss(cov=cov, eps=eps, mean_weight=mean_weight)
+    def layers_for(self, model, role): return default_layers(model, role)[-2:-1]
+    def build(self, s_shapes, t_shapes):
+        "A 1x1 conv + BN + ReLU where the channels differ (the WKD code's `ConvReg`), else nothing."
+        (s, t) = s_shapes[0], t_shapes[0]
+        if len(s) != 3 or len(t) != 3:
+            raise ValueError(f"WKDFCallback compares feature maps `(c, h, w)`; layers {self.s_layers} and {self.t_layers} give {s} and {t}.")
+        return None if s[0] == t[0] else hint_regressor((s[0], 1, 1), (t[0], 1, 1))
+    def compute(self, s_feats, t_feats, s_out, t_out):
+        s = s_feats[0] if self.extras is None else self.extras(s_feats[0])
+        return self.loss(s, t_feats[0])
 
 # %% ../nbs/06_callbacks.ipynb #754e8319
 from fastai.data.core import DataLoaders

@@ -99,7 +99,7 @@ class SchedStep:
 # %% ../nbs/09_train.ipynb #cd623371
 METHOD_PARTS = dict(ipot=IPOTCallback, remd=REMDCallback, exact=ExactOTCallback, sinkhorn=SinkhornCallback, crd=CRDCallback,
                     fitnet=FitNetCallback, rkd=RKDCallback, pkt=PKTCallback, at=ATCallback, sp=SPCallback, cc=CCCallback,
-                    kd=KDCallback)
+                    wkdf=WKDFCallback, wkdl=WKDLCallback, kd=KDCallback)
 OT_PARTS = ('ipot', 'remd', 'exact', 'sinkhorn')
 PAPER_METHODS = ('student', 'kd', 'fitnet+kd', 'rkd+kd', 'crd+kd', 'remd+kd', 'ipot+kd', 'ipot+crd', 'ipot+crd+kd', 'ipot',
                  'crd', 'fitnet', 'rkd', 'pkt', 'at', 'sp', 'cc', 'pkt+kd', 'at+kd', 'sp+kd', 'cc+kd')
@@ -212,7 +212,7 @@ def method_weights(
 
 def _flags(w:dict)->str:
     x = [f"{p} {v:g}" for p, v in w.items() if p not in ('ce', 'kd')]
-    if not any(p in ('crd', 'fitnet', 'rkd', 'pkt', 'at', 'sp', 'cc') for p in w) and x: return 'none (the OT terms are not in the benchmark)'
+    if x and not all(p in ('ce', 'kd', 'crd', 'fitnet', 'rkd', 'pkt', 'at', 'sp', 'cc') for p in w): return 'none (not in the CRD benchmark)'
     if len(x) > 1: return 'none (a combination of several methods)'
     return f"-r {w['ce']:g} -a {w.get('kd', 0):g} -b {x[0].split()[-1] if x else 0}"
 
