@@ -237,14 +237,14 @@ def bench_step(
     progress:bool=True, # print a line per measurement
     rounds:int=10, # the methods take turns this many times, so that a machine's drift hits them alike
 )->list: # one dict per (pair, method)
-    "Time of one training step with KD, KD+REMD and KD+IPOT (and on CUDA both OT terms without CUDA graphs, and IPOT with `triton=True`) measured in turns; the ratio to KD is the median over the rounds of each round's ratio."
+    "Time of one training step with KD, KD+REMD, KD+IPOT, KD+WKD-L and KD+WKD-F (and on CUDA both OT terms without CUDA graphs, and IPOT with `triton=True`) measured in turns; the ratio to KD is the median over the rounds of each round's ratio."
     from fastai.learner import Learner
     from fastai.data.core import DataLoaders
     from fastai.callback.core import Callback
     from fastai.callback.progress import ProgressCallback  # adds Learner.no_bar
     from torch.utils.data import TensorDataset
     from otkd_nb.models import get_model
-    from otkd_nb.callbacks import KDCallback, REMDCallback, IPOTCallback, OTCallback
+    from otkd_nb.callbacks import KDCallback, REMDCallback, IPOTCallback, OTCallback, WKDLCallback, WKDFCallback
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     class StepTimer(Callback):
         order = 100
@@ -264,7 +264,9 @@ def bench_step(
         teacher = get_model(tname).to(device)
         methods = {'KD': lambda: [KDCallback(teacher)],
                    'KD+REMD': lambda: [KDCallback(teacher), REMDCallback(teacher)],
-                   'KD+IPOT': lambda: [KDCallback(teacher), IPOTCallback(teacher)]}
+                   'KD+IPOT': lambda: [KDCallback(teacher), IPOTCallback(teacher)],
+                   'KD+WKD-L': lambda: [KDCallback(teacher), WKDLCallback(teacher)],
+                   'KD+WKD-F': lambda: [KDCallback(teacher), WKDFCallback(teacher)]}
         if device.type == 'cuda':  # the OT terms replay CUDA graphs there; the eager terms show what the graphs save
             methods.update({'KD+REMD eager': lambda: [KDCallback(teacher), REMDCallback(teacher, graph=False)],
                             'KD+IPOT eager': lambda: [KDCallback(teacher), IPOTCallback(teacher, graph=False)]})
@@ -326,6 +328,7 @@ def _targets(solver_rows, step_rows, remd_rows=(), pot_rows=(), ipot_name='ipot 
         out.append((f'IPOT faster than POT emd2 over 4 layers, b={b} (POT time / IPOT time)', t_pot / t_ip, t_pot > t_ip))
     for r in step_rows:
         if r['method'] == 'KD+IPOT': out.append((f"KD+IPOT step at most 1.05x the KD step ({r['pair']})", r['ratio'], r['ratio'] <= 1.05))
+        if r['method'] in ('KD+WKD-L', 'KD+WKD-F'): out.append((f"{r['method']} step at most 1.10x the KD step ({r['pair']})", r['ratio'], r['ratio'] <= 1.10))
         if r['method'] == 'KD+IPOT triton': out.append((f"KD+IPOT step, triton=True, at most 1.05x the KD step ({r['pair']})", r['ratio'], r['ratio'] <= 1.05))
     return out
 

@@ -238,3 +238,22 @@ def test_wkd_methods_train_with_connectors(teacher):
     assert any(not torch.equal(a, b) for a, b in zip(before, learn.model.distill['wkdf'].parameters()))
     for cb in learn.cbs:
         if isinstance(cb, DistillCallback): assert len(cb.history) == 4 and all(np.isfinite(cb.history)), cb
+
+FEATURE_CASES = [n for n in CASES if '+' not in n and n not in ('kd', 'wkdl')]
+
+@pytest.mark.parametrize('name', FEATURE_CASES)
+def test_feature_terms_reach_the_student_body(name, teacher):
+    "With the task loss weighted 0, the term alone gives the student's first stage a gradient: the hooks keep the student's graph."
+    set_seed(1)
+    dls = synthetic_dls(n_train=64, n_valid=32, bs=32, with_index=name == 'crd')
+    cbs = CASES[name](teacher)
+    cbs[0].ce_weight = 0.
+    learn = Learner(dls, TinyNet(16), loss_func=nn.CrossEntropyLoss(), cbs=cbs)
+    got = {}
+    class Grad(Callback):
+        order = 50
+        def after_backward(self):
+            got['g'] = self.learn.model.layer1[0].weight.grad.abs().sum().item()
+            raise CancelFitException()
+    learn.fit(1, 1e-3, cbs=Grad())
+    assert got['g'] > 0, name

@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 T_OT = ['tests/test_ot_exact.py', 'tests/test_ot_ipot.py', 'tests/test_ot_properties.py', 'tests/test_losses.py']
 T_CB = ['tests/test_loss_composition.py', 'tests/test_benchmark_faithful.py', 'tests/test_callbacks.py']
 T_G = ['tests/test_graph_standins.py', 'tests/test_ot_ipot.py']
+T_W = ['tests/test_wkd.py', 'tests/test_loss_composition.py']
 
 # (name, module, text, replacement, tests)
 MUTATIONS = [
@@ -67,6 +68,12 @@ MUTATIONS = [
     ('crd: memory not updated with momentum', 'losses.py', 'M.index_copy_(0, idx, F.normalize(self.momentum * M[idx] + (1 - self.momentum) * v, dim=1))',
      'M.index_copy_(0, idx, F.normalize(v, dim=1))', T_OT),
     ('crd: noise ratio of one', 'losses.py', '        mPn = (h.shape[1] - 1) / self.n_data', '        mPn = 1 / self.n_data', T_OT),
+    ('wkd-l: teacher and student marginals swapped', 'wkd.py', 'P = _sinkhorn_log(-C / self.reg, lt, ls, self.n_iter)[0].exp()',
+     'P = _sinkhorn_log(-C / self.reg, ls, lt, self.n_iter)[0].exp()', T_W),
+    ('wkd-l: the true class kept', 'wkd.py', 'idx = k + (k >= target.to(s.device).unsqueeze(1)).long()', 'idx = k', T_W),
+    ('wkd-f: mean weight ignored', 'wkd.py', 'return self.mean_weight * m + self.cov_weight * c', 'return m + self.cov_weight * c', T_W),
+    ('callbacks: WKD target term dropped', 'callbacks.py', "target = wkd_target_loss(s_out, t_out, y) / self.weight if self.weight else 0.",
+     "target = 0.", T_CB),
     ('callbacks: term added on validation too', 'callbacks.py', "    order, run_valid = 5, False", "    order, run_valid = 5, True", T_CB),
     ('callbacks: CE weight ignored', 'callbacks.py', '            if sh.ce is not None: learn.loss_grad = sh.ce[1] * learn.loss_grad', '            pass', T_CB),
     ('callbacks: term weight ignored', 'callbacks.py', '        learn.loss_grad = learn.loss_grad + self.weight * term', '        learn.loss_grad = learn.loss_grad + term', T_CB),
