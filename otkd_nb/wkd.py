@@ -12,8 +12,8 @@ from torch.autograd.function import once_differentiable
 from fastcore.basics import store_attr, patch
 
 # %% auto #0
-__all__ = ['WKD_PAPER', 'class_cost_from_weights', 'sharpen_cost', 'class_cost_cka', 'WassersteinLogitLoss', 'wkd_target_loss',
-           'feature_gaussian', 'sqrtm_psd', 'GaussianWassersteinLoss']
+__all__ = ['WKD_PAPER', 'PLAIN_BELOW', 'class_cost_from_weights', 'sharpen_cost', 'class_cost_cka', 'WassersteinLogitLoss',
+           'wkd_target_loss', 'feature_gaussian', 'sqrtm_psd', 'GaussianWassersteinLoss']
 
 # %% ../nbs/04a_wkd.ipynb #297b4584
 WKD_PAPER = {  # from github.com/JiamingLv/WKD: configs/cifar100/wkd_{l,f,lf}/res32x4_res8x4.yaml, configs/imagenet/r34_r18/*.yaml
@@ -112,6 +112,22 @@ def _sinkhorn_log(
         g = lb - torch.logsumexp(M + f.unsqueeze(-1), -2)
     return M + f.unsqueeze(-1) + g.unsqueeze(-2), g
 
+# %% ../nbs/04a_wkd.ipynb #60a4763c
+PLAIN_BELOW = 50.  # max(C) / reg under which WassersteinLogitLoss sweeps in the plain domain (exp(-50) ~ 2e-22, far from float32's underflow)
+
+def _sinkhorn_plain(
+    K:Tensor, # `exp(-C / reg)`, `(n, m)`, shared by the batch
+    a:Tensor, # row marginals `(b, n)` (the teacher), zeros allowed
+    b:Tensor, # column marginals `(b, m)` (the student), zeros allowed
+    v:Tensor, # starting column scalings `(b, m)`: 1, and 0 where `b` is 0
+    n_iter:int, # sweeps, >= 1
+)->tuple: # `(u (b, n), v (b, m))`, the plan being `u_i K_ij v_j`
+    "Plain-domain Sinkhorn: the sweeps of `_sinkhorn_log` on the scalings `u = exp(f)`, `v = exp(g)`."
+    for _ in range(n_iter):
+        u = a / (v @ K.T)
+        v = b / (u @ K)
+    return u, v
+
 # %% ../nbs/04a_wkd.ipynb #38a10f63
 class WassersteinLogitLoss(nn.Module):
     "WKD-L: batch mean of the transport cost `<P, C>` between the softened teacher and student class distributions."
@@ -132,6 +148,7 @@ class WassersteinLogitLoss(nn.Module):
         if T <= 0 or reg <= 0: raise ValueError(f"`T` and `reg` must be > 0, got T={T}, reg={reg}.")
         if int(n_iter) < 1: raise ValueError(f"`n_iter` must be >= 1, got {n_iter}.")
         self.register_buffer('cost', cost.detach().to(_wide(cost)).clone())
+        self.plain = bool(cost.max() / reg < PLAIN_BELOW)  # the domain of the unrolled sweeps, decided once (the cost is fixed)
         store_attr('T,reg,unroll,check'); self.n_iter = int(n_iter)
 
     def extra_repr(self):
@@ -143,7 +160,7 @@ class WassersteinLogitLoss(nn.Module):
         target:Tensor|None=None, # `(b,)` class labels: leave the true class out, as the paper's code does
     )->Tensor: # scalar, float32 or wider
         "The batch mean of `<P, C>`, `P` the Sinkhorn plan from `softmax(teacher/T)` (rows) to `softmax(student/T)` (columns)."
-        return self._solve(student_logits, teacher_logits, target)[0].mean()
+        return self._solve(student_logits, teacher_logits, target, plan=False)[0].mean()
 
 # %% ../nbs/04a_wkd.ipynb #33f5a05b
 @patch
@@ -160,12 +177,20 @@ def _check_logits(self:WassersteinLogitLoss, s:Tensor, t:Tensor, target:Tensor|N
     if self.check: _check_finite(s, 'student_logits'); _check_finite(t, 'teacher_logits')
 
 @patch
-def _solve(self:WassersteinLogitLoss, s:Tensor, t:Tensor, target:Tensor|None=None)->tuple:
-    "Per-sample values `(b,)` and plans `(b, n, n)` (rows: teacher, columns: student), in float32 or wider outside autocast."
+def _solve(self:WassersteinLogitLoss, s:Tensor, t:Tensor, target:Tensor|None=None, plan:bool=True)->tuple:
+    "Per-sample values `(b,)` and plans `(b, n, n)` (rows: teacher, columns: student; None when `plan` is False and not needed), in float32 or wider outside autocast."
     self._check_logits(s, t, target)
     with torch.autocast(s.device.type, enabled=False):
         dt = _wide(s, self.cost)
         zs, zt, C = s.to(dt) / self.T, t.detach().to(dt) / self.T, self.cost.to(dt)
+        if self.unroll and self.plain and not plan:  # the forward pass: plain-domain sweeps, the shared kernel, no (b, n, n) tensor
+            v = torch.ones_like(zs)
+            if target is not None:  # the true class: zero mass on both sides and in the starting scalings
+                y = target.to(s.device).long().unsqueeze(1)
+                zs, zt, v = zs.scatter(1, y, float('-inf')), zt.scatter(1, y, float('-inf')), v.scatter(1, y, 0.)
+            K = torch.exp(-C / self.reg)
+            u, v = _sinkhorn_plain(K, F.softmax(zt, -1), F.softmax(zs, -1), v, self.n_iter)
+            return (u * (v @ (K * C).T)).sum(-1), None  # <P, C> = sum_ij u_i K_ij C_ij v_j
         if target is not None:  # the other classes of each sample, and the cost between them
             k = torch.arange(C.shape[0] - 1, device=s.device).expand(s.shape[0], -1)
             idx = k + (k >= target.to(s.device).unsqueeze(1)).long()

@@ -1,4 +1,4 @@
-"""The model zoo against the CRD benchmark's specification (shared/specs/cifar_zoo.json), torchvision's ResNets,
+"""The model zoo against the CRD benchmark's specification (tests/specs/cifar_zoo.json), torchvision's ResNets,
 and `load_teacher`: checkpoint layouts, devices, model names, errors, and refusing files that need a full unpickle."""
 import json, pickle, urllib.error, zipfile
 from functools import lru_cache
@@ -9,10 +9,9 @@ from otkd_nb.models import (CIFAR_MODELS, IMAGENET_MODELS, TVResNet, CifarResNet
                             feature_shapes, load_teacher, model_name_from_path, read_state_dict, matching_models,
                             CheckpointError, UnsafeCheckpointError)
 
-SPEC_FILE = Path(__file__).resolve().parents[1].parent/'shared'/'specs'/'cifar_zoo.json'
-SPEC = json.loads(SPEC_FILE.read_text())['models'] if SPEC_FILE.exists() else {}
-needs_spec = pytest.mark.skipif(not SPEC, reason=f"the benchmark's specification {SPEC_FILE} is missing "
-                                                 "(it lives in shared/, beside the repository)")
+SPEC_FILE = Path(__file__).resolve().parent/'specs'/'cifar_zoo.json'  # the CRD benchmark's parameter counts, state_dict keys and shapes
+SPEC = json.loads(SPEC_FILE.read_text())['models']
+needs_spec = pytest.mark.skipif(not SPEC, reason=f"the benchmark's specification {SPEC_FILE} is empty")
 NAMES = list(CIFAR_MODELS)
 
 @pytest.fixture(autouse=True, scope='module')

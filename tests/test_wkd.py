@@ -377,3 +377,19 @@ def test_paper_settings_use_our_parameter_names():
     WassersteinLogitLoss(C, T=s['T'], reg=s['reg'], n_iter=s['n_iter'])
     GaussianWassersteinLoss(s['cov'], eps=s['eps'], mean_weight=s['mean_weight'])
     assert WKD_PAPER['cifar100/resnet32x4-resnet8x4/wkd_l']['logit_weight'] == 600.
+
+
+@pytest.mark.parametrize('with_target', [False, True])
+def test_plain_domain_sweeps_equal_the_log_domain(with_target):
+    "The forward pass sweeps in the plain domain when the kernel cannot underflow; value and gradient equal the log-domain sweeps."
+    from otkd_nb.wkd import WassersteinLogitLoss, sharpen_cost, class_cost_from_weights, PLAIN_BELOW
+    g = torch.Generator().manual_seed(3)
+    C = sharpen_cost(class_cost_from_weights(torch.randn(20, 16, generator=g, dtype=torch.float64)))
+    s, t = torch.randn(12, 20, generator=g, dtype=torch.float64, requires_grad=True), torch.randn(12, 20, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 20, (12,), generator=g) if with_target else None
+    L = WassersteinLogitLoss(C, T=4., reg=0.05, n_iter=10)
+    assert L.plain and not WassersteinLogitLoss(C, reg=C.max().item() / PLAIN_BELOW / 2).plain
+    a = L(s, t, y); ga, = torch.autograd.grad(a, s)
+    L.plain = False
+    b = L(s, t, y); gb, = torch.autograd.grad(b, s)
+    assert abs(a.item() - b.item()) < 1e-12 and torch.allclose(ga, gb, atol=1e-12)
