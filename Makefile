@@ -40,7 +40,7 @@ test: $(STAMP) fashion-mnist
 	$(BIN)/python -m pytest tests/ -q
 
 # Mutation testing of the core modules: plant each named bug of tools/mutate.py in a copy of the package, run the fast tests
-# that cover it, and report the share caught (fails under 95%). About 15 minutes on two cores; MUTATE_ARGS="--help" lists the options.
+# that cover it, and report the share caught (fails under 95%). About 20 minutes on two cores; MUTATE_ARGS="--help" lists the options.
 .PHONY: mutate
 mutate: $(STAMP)
 	$(BIN)/python tools/mutate.py $(MUTATE_ARGS)

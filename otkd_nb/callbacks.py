@@ -591,12 +591,12 @@ class WKDLCallback(DistillCallback):
     ):
         super().__init__(teacher, weight=weight, ce_weight=ce_weight)
         store_attr('cost,T,reg,n_iter,separate_target')
-        self.wd = None  # the WassersteinLogitLoss, built on first use (not `loss`: fastai's Learner has one)
+        self.wkd_loss = None  # the WassersteinLogitLoss, built on first use (a name fastai's Learner does not have)
     def _loss(self, n_classes:int, device)->WassersteinLogitLoss:
-        if self.wd is None or len(self.wd.cost) != n_classes:
+        if self.wkd_loss is None or len(self.wkd_loss.cost) != n_classes:
             C = self.cost if self.cost is not None else sharpen_cost(class_cost_from_weights(classifier_weights(self.teacher, n_classes)))
-            self.wd = WassersteinLogitLoss(C, T=self.T, reg=self.reg, n_iter=self.n_iter)
-        return self.wd.to(device)
+            self.wkd_loss = WassersteinLogitLoss(C, T=self.T, reg=self.reg, n_iter=self.n_iter)
+        return self.wkd_loss.to(device)
     def compute(self, s_feats, t_feats, s_out, t_out):
         loss = self._loss(s_out.shape[1], s_out.device)
         if not self.separate_target: return loss(s_out, t_out)
