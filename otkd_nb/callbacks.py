@@ -146,6 +146,7 @@ class DistillCallback(Callback):
         self._sum = self._n = 0
         self._batches, self.history = [], []  # this term on each training batch: this epoch's tensors, all epochs' floats
         self.skipped = []  # `(epoch, batch, reason)` of the training batches on which the term was not computed
+        self.term_value = None  # this batch's term, unweighted and with its graph (None outside `after_loss`..`after_batch`): for diagnostics
 
     # -- what a subclass defines
     def layers_for(self, model:nn.Module, role:str)->list:
@@ -292,11 +293,13 @@ class DistillCallback(Callback):
         t_feats = self.t_hooks.features if self.uses_features else []
         term = self.compute(s_feats, t_feats, learn.pred, t_out)
         learn.loss_grad = learn.loss_grad + self.weight * term
+        self.term_value = term
         learn.loss = learn.loss_grad.detach().clone()
         self._sum, self._n = self._sum + term.detach().float() * bs, self._n + bs
         self._batches.append(term.detach().float())
 
     def after_batch(self):
+        self.term_value = None
         for h in (self.s_hooks, self.t_hooks):
             if h is not None: h.clear()
 

@@ -38,8 +38,9 @@ __all__ = ['RECIPES', 'SMALL_MODELS', 'METHOD_PARTS', 'OT_PARTS', 'PAPER_METHODS
            'method_weights', 'weights_table', 'write_atomic', 'write_json', 'read_json', 'RunLearner', 'TrainAccuracy',
            'AtomicCSVLogger', 'model_state', 'opt_state', 'load_opt_state', 'RunCheckpoint', 'cpu_seconds',
            'AutoThreads', 'get_dls', 'RunExistsError', 'RunConfigError', 'check_folder', 'start_folder', 'fit_run',
-           'train_teacher', 'get_teacher', 'distill', 'train_teacher_parser', 'distill_parser', 'parse_options',
-           'train_teacher_main', 'distill_main', 'demo_table', 'demo_plot', 'demo', 'demo_parser', 'demo_main']
+           'train_teacher', 'get_teacher', 'distill', 'threads_arg', 'train_teacher_parser', 'distill_parser',
+           'parse_options', 'train_teacher_main', 'distill_main', 'log_rows', 'time_seconds', 'fit_or_reuse',
+           'demo_table', 'demo_plot', 'demo', 'demo_parser', 'demo_main']
 
 # %% ../nbs/09_train.ipynb #b9ebd4d0
 @dataclass(frozen=True)
@@ -647,7 +648,9 @@ _RECIPE_HELP = '; '.join(f"{k} {r.epochs}" for k, r in RECIPES.items())
 _EPILOG = ("Several GPUs (or CPU processes): launch with `torchrun --nproc_per_node N` or `accelerate launch`; fastai's "
            "distributed training (Accelerate) shares the total batch among the processes; only rank 0 writes.")
 
-def _threads(s:str): return s if s == 'auto' else int(s)
+def threads_arg(s:str)->int|str:
+    "Parse `--threads`: a number, or 'auto'."
+    return s if s == 'auto' else int(s)
 
 def _common_args(p:argparse.ArgumentParser):
     p.add_argument('--dataset', default='cifar100', choices=list(RECIPES), help='the dataset; it picks the recipe')
@@ -666,7 +669,7 @@ def _common_args(p:argparse.ArgumentParser):
     p.add_argument('--resume', action='store_true', help='continue the run in --out from its last checkpoint (start it if there is none)')
     p.add_argument('--overwrite', action='store_true', help='replace the run that --out holds')
     p.add_argument('--stop-after', type=int, default=None, help='stop after this many epochs of the schedule, to continue later with --resume; None: run to the end')
-    p.add_argument('--threads', type=_threads, default=None, help="PyTorch CPU threads, or 'auto': all cores while the machine is otherwise idle, one while other processes keep a core busy; None: PyTorch's choice")
+    p.add_argument('--threads', type=threads_arg, default=None, help="PyTorch CPU threads, or 'auto': all cores while the machine is otherwise idle, one while other processes keep a core busy; None: PyTorch's choice")
     p.add_argument('--num-workers', type=int, default=None, help="data loading processes; None: the loader's default (imagenet: up to 8; the in-memory datasets: 0)")
 
 def _kwargs(a)->dict:
@@ -751,16 +754,26 @@ def distill_main(argv:list|None=None)->int:
                     dataset=a.dataset, out=a.out, trusted=a.trusted, global_ot=a.global_ot, options=options, **_kwargs(a))
 
 # %% ../nbs/09_train.ipynb #197f2ff0
-def _log_rows(folder:Path)->list:
+def log_rows(
+    folder:str|Path, # a run's folder
+)->list: # one dict per epoch, numbers parsed; [] before the first epoch
+    "The rows of a run's `log.csv` (fastai's `CSVLogger` columns: epoch, losses, metrics, time)."
     f = Path(folder)/'log.csv'
     if not f.exists(): return []
     lines = f.read_text().splitlines()
     return [dict(zip(lines[0].split(','), map(_number, l.split(',')))) for l in lines[1:]]
 
-def _time_s(t:str)->int:
+def time_seconds(
+    t:str, # a duration as fastai logs it: "mm:ss" or "h:mm:ss"
+)->int:
+    "Seconds in a duration of fastai's log."
     return sum(int(p) * 60 ** i for i, p in enumerate(reversed(str(t).split(':'))))
 
-def _fit_or_reuse(f, fresh:bool, **kwargs)->dict:
+def fit_or_reuse(
+    f, # `fit_run`, `train_teacher` or `distill`
+    fresh:bool, # start afresh even if the folder holds the same run
+    **kwargs, # passed to `f`
+)->dict: # the run's metrics
     "Run `f(**kwargs)`: reuse or continue the run in its folder if it has the same recipe, else start it afresh."
     if fresh: return f(overwrite=True, **kwargs)
     try: return f(resume=True, **kwargs)
@@ -791,7 +804,7 @@ def demo_plot(
     axs[0].bar_label(bars, fmt='%.2f'); axs[0].set_ylabel('test accuracy (%)')
     axs[0].set_ylim(max(0, min(accs) - 10), min(100, max(accs) + 3)); axs[0].set_title('Fashion-MNIST, a short CPU run')
     for i, r in enumerate(results):
-        rows = _log_rows(r['out'])
+        rows = log_rows(r['out'])
         kw = dict(color=colors[i], marker='o', label=names[i].replace('\n', ' '))
         axs[1].plot([x['epoch'] + 1 for x in rows], [x.get('ce', x['train_loss']) for x in rows], **kw)
         axs[2].plot([x['epoch'] + 1 for x in rows], [100 * x['accuracy'] for x in rows], **kw)
@@ -823,12 +836,12 @@ def demo(
     "Train (or reuse) a Fashion-MNIST teacher, then a student alone and distilled by each method; print and save the accuracy table."
     out, t0 = Path(out), time.time()
     common = dict(dataset='fashion_mnist', data=data, n_train=n_train, n_valid=n_valid, bs=bs, seed=seed, device='cpu', threads=threads)
-    res = [_fit_or_reuse(train_teacher, fresh, model=teacher, out=out/f'teacher_{teacher}', epochs=teacher_epochs, **common)]
+    res = [fit_or_reuse(train_teacher, fresh, model=teacher, out=out/f'teacher_{teacher}', epochs=teacher_epochs, **common)]
     ckpt = out/f'teacher_{teacher}'/'last.pth'
     for m in methods:
-        res.append(_fit_or_reuse(distill, fresh, student=student, teacher=teacher, teacher_ckpt=ckpt, method=m,
+        res.append(fit_or_reuse(distill, fresh, student=student, teacher=teacher, teacher_ckpt=ckpt, method=m,
                                  out=out/f"{student}_{canonical_method(m)}", epochs=epochs, **common))
-    for r in res: r['train_seconds'] = sum(_time_s(x['time']) for x in _log_rows(r['out']))
+    for r in res: r['train_seconds'] = sum(time_seconds(x['time']) for x in log_rows(r['out']))
     table = demo_table(res)
     write_atomic(out/'results.md', table + '\n')
     write_json(out/'results.json', res)
@@ -855,7 +868,7 @@ def demo_parser()->argparse.ArgumentParser:
     p.add_argument('--epochs', type=int, default=4, help="each student's epochs")
     p.add_argument('--bs', type=int, default=64, help='batch size')
     p.add_argument('--seed', type=int, default=0, help='random seed of every run')
-    p.add_argument('--threads', type=_threads, default='auto', help="PyTorch CPU threads, or 'auto': all cores while the machine is otherwise idle, one while other processes keep a core busy")
+    p.add_argument('--threads', type=threads_arg, default='auto', help="PyTorch CPU threads, or 'auto': all cores while the machine is otherwise idle, one while other processes keep a core busy")
     p.add_argument('--fresh', action='store_true', help='retrain everything instead of reusing finished runs')
     p.add_argument('--no-plot', action='store_true', help='do not save demo.png')
     return p

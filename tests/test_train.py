@@ -7,7 +7,7 @@ warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')
 from otkd_nb.train import (train_teacher_main, distill_main, demo_main, distill, train_teacher, RUN_FILES,
                            parse_method, METHOD_PARTS)
 from otkd_nb.data import write_fake_cifar100
-from otkd_nb.results import results_main, _lock
+from otkd_nb.study import main as results_main, _lock
 from otkd_nb.models import get_model
 
 BIN = Path(sys.executable).parent
@@ -39,9 +39,9 @@ HELP_OPTIONS = {
                    '--n-valid', '--split', '--stop-after', '--threads', '--num-workers', '--set'],
     demo_main: ['--out', '--data', '--teacher', '--student', '--methods', '--n-train', '--n-valid', '--teacher-epochs', '--epochs',
                 '--bs', '--seed', '--threads', '--fresh', '--no-plot'],
-    results_main: ['--out', '--results-dir', '--data', '--teacher', '--student', '--methods', '--seeds', '--n-train', '--n-valid',
-                   '--teacher-epochs', '--epochs', '--bs', '--weights', '--layer-sets', '--betas', '--n-iters', '--threads', '--fresh',
-                   '--quiet', '--no-plot'],
+    results_main: ['--stage', '--max-minutes', '--out', '--records', '--data', '--teacher', '--student', '--methods', '--seeds', '--tune-seeds',
+                   '--n-train', '--n-valid', '--teacher-n-train', '--teacher-epochs', '--epochs', '--schedule-epochs', '--bs', '--multipliers',
+                   '--calib-batches', '--threads', '--fresh', '--quiet', '--no-plot'],
 }
 
 @pytest.mark.parametrize('main', list(HELP_OPTIONS), ids=lambda f: f.__name__)
