@@ -1,0 +1,61 @@
+"The study's bookkeeping, without training: records reused only for the same request, time limits, the tuned methods and the options of a combined row."
+import json, time
+import pytest
+from otkd_nb.study import Study, Runner, Pause, TUNING, tuned_methods, method_options, part_options, weight_grid, study_info
+from otkd_nb.train import write_json
+
+
+def record(runner, name, request, accuracy=0.8):
+    rec = runner.record(name); rec.mkdir(parents=True)
+    write_json(rec/'metrics.json', dict(accuracy=accuracy, complete=True))
+    write_json(rec/'record.json', dict(request=request, commit='abc'))
+
+
+def test_a_record_is_reused_only_for_the_same_request(tmp_path):
+    r = Runner(Study(), tmp_path/'runs', tmp_path/'rec')
+    req = dict(f='distill', method='kd', seed=0)
+    record(r, 'tune/kd/w0.9_default_s0', req)
+    assert r.reuse('tune/kd/w0.9_default_s0', req)['accuracy'] == 0.8
+    assert r.reuse('tune/kd/w0.9_default_s0', {**req, 'seed': 1}) is None  # another request: trained again
+    assert r.reuse('tune/kd/w0.9_default_s1', req) is None  # no record
+    assert Runner(Study(), tmp_path/'runs', tmp_path/'rec', fresh=True).reuse('tune/kd/w0.9_default_s0', req) is None
+
+
+def test_a_record_without_record_json_is_not_finished(tmp_path):
+    r = Runner(Study(), tmp_path/'runs', tmp_path/'rec')
+    record(r, 'final/kd/s0', dict(f='distill'))
+    (r.record('final/kd/s0')/'record.json').unlink()  # killed while copying: record.json is written last
+    assert r.reuse('final/kd/s0', dict(f='distill')) is None
+
+
+def test_the_time_limit_pauses_before_a_new_run_but_not_before_a_recorded_one(tmp_path):
+    from otkd_nb.train import train_teacher
+    r = Runner(Study(), tmp_path/'runs', tmp_path/'rec', max_minutes=1)
+    r.t0 = time.time() - 120  # two minutes ago
+    kw = dict(model='resnet8', epochs=1, seed=0)
+    req = json.loads(json.dumps(dict(f='train_teacher', **kw)))
+    record(r, 'schedule/done', req)
+    assert r.run('schedule/done', train_teacher, **kw)['accuracy'] == 0.8
+    with pytest.raises(Pause, match='run the same command again'): r.run('schedule/new', train_teacher, **kw)
+    assert not (tmp_path/'runs'/'schedule'/'new').exists()
+
+
+def test_tuned_methods_and_the_combined_row():
+    s = Study(methods=('student', 'kd', 'ipot+crd+kd'))
+    assert tuned_methods(s) == ['kd', 'crd+kd', 'ipot+kd']  # IPOT+CRD+KD takes what its parts won alone
+    choices = {'ipot+kd': dict(weight=3., structure='alternative'), 'crd+kd': dict(weight=0.08, structure='default')}
+    o = method_options('ipot+crd+kd', s, choices)
+    assert o['ipot'] == dict(weight=3., student_layers=['flatten'], teacher_layers=['flatten'])
+    assert o['crd'] == dict(weight=0.08, n_neg=4096)
+    assert method_options('student', s, choices) is None
+
+
+def test_every_method_gets_the_same_number_of_runs():
+    s = Study()
+    info = study_info(s, 'tune', False, None)
+    norms = dict(kd=1., fitnet=1., ipot=0.5, remd=0.4, ce=1.)
+    grids = {m: weight_grid(m, s, norms) for m in TUNING}
+    assert {len(g) for g in grids.values()} == {3}
+    for m, g in grids.items(): assert max(g) / min(g) >= 99, (m, g)  # two orders of magnitude (OT: rounded to two digits)
+    assert info['expected'] == dict(tuning=len(TUNING) * 4 * 2, final=9 * 5)
+    with pytest.raises(ValueError, match='calibrate'): weight_grid('ipot+kd', s)
