@@ -59,3 +59,16 @@ def test_every_method_gets_the_same_number_of_runs():
     for m, g in grids.items(): assert max(g) / min(g) >= 99, (m, g)  # two orders of magnitude (OT: rounded to two digits)
     assert info['expected'] == dict(tuning=len(TUNING) * 4 * 2, final=9 * 5)
     with pytest.raises(ValueError, match='calibrate'): weight_grid('ipot+kd', s)
+
+
+def test_records_of_an_earlier_setting_are_left_out_of_the_tables(tmp_path):
+    from dataclasses import asdict
+    from otkd_nb.results import load_records
+    s = Study(methods=('student', 'kd'))
+    r = Runner(s, tmp_path/'runs', tmp_path/'rec')
+    for name, n_train in (('final/kd/s0', s.n_train), ('final/kd/s1', 2 * s.n_train)):
+        record(r, name, dict(f='distill', method='kd', n_train=n_train, bs=s.bs, epochs=s.epochs, seed=0))
+        write_json(r.record(name)/'metrics.json', dict(accuracy=0.8, best_accuracy=0.81, best_epoch=3, epochs=s.epochs, complete=True))
+    t = load_records(tmp_path/'rec', study=asdict(s))
+    assert t['final'].seed.tolist() == [0]  # the run on twice the images belongs to another setting
+    assert len(load_records(tmp_path/'rec')['final']) == 2  # without the study's settings every record counts
