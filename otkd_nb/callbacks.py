@@ -18,10 +18,10 @@ from .losses import *
 from .wkd import WassersteinLogitLoss, GaussianWassersteinLoss, class_cost_from_weights, sharpen_cost, wkd_target_loss
 
 # %% auto #0
-__all__ = ['preserve_rng', 'n_inputs', 'sample_batch', 'strip_distill', 'ExportStudent', 'DistillCallback', 'KDCallback',
-           'OTCallback', 'IPOTCallback', 'REMDCallback', 'ExactOTCallback', 'SinkhornCallback', 'FitNetCallback',
-           'RKDCallback', 'PKTCallback', 'ATCallback', 'SPCallback', 'CCCallback', 'dataset_labels', 'CRDCallback',
-           'classifier_weights', 'WKDLCallback', 'WKDFCallback', 'synthetic_dls', 'TinyNet']
+__all__ = ['preserve_rng', 'n_inputs', 'sample_batch', 'SequentialWithParts', 'strip_distill', 'ExportStudent', 'DistillCallback',
+           'KDCallback', 'OTCallback', 'IPOTCallback', 'REMDCallback', 'ExactOTCallback', 'SinkhornCallback',
+           'FitNetCallback', 'RKDCallback', 'PKTCallback', 'ATCallback', 'SPCallback', 'CCCallback', 'dataset_labels',
+           'CRDCallback', 'classifier_weights', 'WKDLCallback', 'WKDFCallback', 'synthetic_dls', 'TinyNet']
 
 # %% ../nbs/06_callbacks.ipynb #52a65abb
 class _TermMetric(Metric):
@@ -101,9 +101,17 @@ def sample_batch(
     return tuple(b) if isinstance(b, (tuple, list)) else (b,)
 
 # %% ../nbs/06_callbacks.ipynb #2862e341
+class SequentialWithParts(nn.Sequential):
+    "An `nn.Sequential` student that holds the distillation's trainable parts under `distill` without running them in its forward."
+    def forward(self, input):
+        for name, module in self._modules.items():
+            if name != 'distill': input = module(input)
+        return input
+
 def strip_distill(model:nn.Module)->nn.Module:
-    "Remove the distillation parts (connectors, embeddings) attached to a student by the callbacks; returns the model."
+    "Remove the distillation parts (connectors, embeddings) attached to a student by the callbacks; returns the model (a plain Sequential again if it was one)."
     if 'distill' in model._modules: del model._modules['distill']
+    if type(model) is SequentialWithParts: model.__class__ = nn.Sequential
     return model
 
 # %% ../nbs/06_callbacks.ipynb #5529f5b3
@@ -116,12 +124,15 @@ class ExportStudent:
         metrics, cbs = list(learn.metrics), [cb for cb in learn.cbs if isinstance(cb, DistillCallback)]
         bare = getattr(learn.model, 'module', learn.model)
         parts = bare._modules.pop('distill', None)
+        cls = type(bare)
+        if cls is SequentialWithParts: bare.__class__ = nn.Sequential  # the exported student is the Sequential it was
         opt, learn.opt = learn.opt, None  # fastai's export would rebuild it without the trainable parts
         learn.remove_cbs(cbs)
         learn.metrics = [m for m in metrics if not isinstance(m, _TermMetric)]
         try: return type(learn).export(learn, *args, **kwargs)
         finally:
             if parts is not None: bare._modules['distill'] = parts
+            bare.__class__ = cls
             learn.add_cbs(cbs); learn.metrics = metrics; learn.opt = opt; d.update(saved)
 
 # %% ../nbs/06_callbacks.ipynb #75c46beb
@@ -234,10 +245,11 @@ class DistillCallback(Callback):
             self._probed = (weakref.ref(self.learn.model), weakref.ref(self.teacher), (self.s_layers, self.t_layers))
             return False
         model = self.learn.model
-        if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        if type(model) is nn.Sequential: model.__class__ = SequentialWithParts  # its forward must not run the parts as layers
+        elif isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and not isinstance(model, SequentialWithParts):
             raise TypeError(f"{type(self).__name__} needs trainable parts for these layer shapes and attaches them to the student, "
-                            f"but the student is an {type(model).__name__}, whose forward would run them as layers; "
-                            "wrap it in a module of its own (`class Student(nn.Module)` holding the Sequential), or pick layers of equal shapes.")
+                            f"but the student is a {type(model).__name__}, whose forward would run them as layers; "
+                            "wrap it in a module of its own (`class Student(nn.Module)` holding it), or pick layers of equal shapes.")
         if 'distill' not in model._modules: model.add_module('distill', nn.ModuleDict())
         model.distill[self.name] = extras.to(self._device())
         return True
@@ -252,13 +264,16 @@ class DistillCallback(Callback):
     def after_create(self): self._setup()
 
     def before_fit(self):
-        new = self._setup()
-        opt = getattr(self.learn, 'opt', None)
-        if new and opt is not None:  # created after the optimizer: train them too
-            if not isinstance(opt, Optimizer):
-                raise RuntimeError(f"{type(self).__name__} needs trainable parts but the optimizer already exists; pass the "
-                                   "callback to the Learner (`Learner(..., cbs=[...])`) so they are created before the optimizer.")
-            opt.param_lists[-1] = opt.param_lists[-1] + list(self.extras.parameters())
+        self._setup()
+        opt, parts = getattr(self.learn, 'opt', None), self.extras
+        if parts is not None and opt is not None:  # built after the optimizer, or missed by a splitter: train them too
+            have = {id(p) for pl in getattr(opt, 'param_lists', []) for p in pl}
+            missing = [p for p in parts.parameters() if id(p) not in have]
+            if missing:
+                if not isinstance(opt, Optimizer):
+                    raise RuntimeError(f"{type(self).__name__} needs trainable parts but the optimizer already exists; pass the "
+                                       "callback to the Learner (`Learner(..., cbs=[...])`) so they are created before the optimizer.")
+                opt.param_lists[-1] = opt.param_lists[-1] + missing
         if self.uses_features:
             self.s_hooks = FeatureHooks(self.learn.model, self.s_layers)
             self.t_hooks = FeatureHooks(self.teacher, self.t_layers, detach=True)

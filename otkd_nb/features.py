@@ -6,11 +6,12 @@ Docs: https://otkd-nb.github.io/otkd_nb/features.html.md"""
 
 # %% ../nbs/05_features.ipynb #1feb9756
 from __future__ import annotations
-import difflib, torch
+import difflib, math, weakref, torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['module_names', 'get_module', 'FeatureHooks', 'register_layers', 'default_layers', 'connector_for', 'Connector']
+__all__ = ['module_names', 'get_module', 'layer_layouts', 'as_feature', 'FeatureHooks', 'register_layers', 'default_layers',
+           'find_feature_layers', 'connector_for', 'Connector']
 
 # %% ../nbs/05_features.ipynb #fb389fb1
 def module_names(model:nn.Module)->list:
@@ -31,6 +32,29 @@ def get_module(
                      + (f"Closest names: {close}. " if close else '')
                      + f"Top-level layers: {top}; all {len(names)} names: `otkd_nb.features.module_names(model)`.")
 
+# %% ../nbs/05_features.ipynb #04afb092
+_LAYOUTS = weakref.WeakKeyDictionary()  # model -> {layer: layout}, set where layers are found by `find_feature_layers`
+
+def layer_layouts(model:nn.Module)->dict:
+    "How the outputs of `model`'s layers are read as features: `{layer: layout}` for the layers that need more than their plain output."
+    return _LAYOUTS.get(model, {})
+
+def as_feature(
+    x:Tensor, # a layer's output
+    layout:str|None, # None (as it is), 'nhwc' (channels last), 'tokens:p' (p prefix tokens, then a square grid), 'token0' (the first token), 'mean' (the mean token)
+)->Tensor:
+    "A layer's output as a feature: channels-last maps and token sequences become `(b, c, h, w)` maps, pooled tokens `(b, d)` vectors."
+    if layout is None: return x
+    if layout == 'nhwc': return x.permute(0, 3, 1, 2)
+    if layout == 'token0': return x[:, 0]
+    if layout == 'mean': return x.mean(1)
+    if layout.startswith('tokens:'):
+        x = x[:, int(layout.split(':')[1]):]
+        k = math.isqrt(x.shape[1])
+        if k * k != x.shape[1]: raise ValueError(f"{x.shape[1]} tokens after the prefix do not form a square grid; pass the layers yourself.")
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], k, k)
+    raise ValueError(f"Unknown layout {layout!r}.")
+
 # %% ../nbs/05_features.ipynb #a5663627
 class FeatureHooks:
     "Keep the latest output of each named layer of `model`; a context manager that removes its hooks on exit."
@@ -40,13 +64,14 @@ class FeatureHooks:
         detach:bool=False, # detach the outputs (for a teacher run under no_grad)
     ):
         self.model, self.layers, self.detach = model, list(layers), detach
-        self.outputs = {}
+        self.outputs, self.layouts = {}, layer_layouts(model)
         mods = [get_module(model, l) for l in self.layers]  # validate every name before registering any hook
         self.handles = [m.register_forward_hook(self._hook(l)) for l, m in zip(self.layers, mods)]
 
     def _hook(self, name):
         def hook(module, inp, out):
             if isinstance(out, (tuple, list)): out = out[0]
+            out = as_feature(out, self.layouts.get(name))  # token sequences and channels-last maps as (b, c, h, w)
             self.outputs[name] = out.detach() if self.detach else out
         return hook
 
@@ -76,27 +101,152 @@ def register_layers(
     "Register the default feature layers of a model class."
     _LAYER_PRESETS[cls] = layers
 
-def default_layers(model:nn.Module, role:str='student')->list:
-    "The default feature layers of `model`: its `feature_layers` attribute or a registered preset."
+_FOUND = weakref.WeakKeyDictionary()  # model -> the layers `find_feature_layers` found (one probe per model)
+
+def default_layers(
+    model:nn.Module, # the student or the teacher
+    role:str='student', # 'student' or 'teacher', for the error message
+)->list: # [stem, stage..., pooled]
+    "The default feature layers of `model`: its `feature_layers` attribute, a registered preset, else those found from its structure (`find_feature_layers`)."
     fl = getattr(model, 'feature_layers', None)
     if fl is not None: return list(fl() if callable(fl) else fl)
     for cls in type(model).__mro__:
         if cls in _LAYER_PRESETS:
             p = _LAYER_PRESETS[cls]
             return list(p(model) if callable(p) else p)
-    top = [n for n in module_names(model) if '.' not in n]
-    raise ValueError(f"No default feature layers are known for {type(model).__name__}; pass `{role}_layers=[...]` "
-                     f"with names from its modules, e.g. among its top-level layers {top}.")
+    if model not in _FOUND:
+        try: _FOUND[model] = find_feature_layers(model)
+        except Exception as e:
+            top = [n for n in module_names(model) if '.' not in n]
+            raise ValueError(f"No default feature layers are known for {type(model).__name__}, and none could be found from its structure "
+                             f"({e}); pass `{role}_layers=[...]` with names from its modules, e.g. among its top-level layers {top}.") from None
+    return list(_FOUND[model])
+
+# %% ../nbs/05_features.ipynb #4a3d67eb
+def _probe(model:nn.Module, size:tuple)->dict:
+    "`{name: (order, shape)}`: each module's first output shape on a random batch of 2 images of `size`, in the order the modules finished."
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    p = next(model.parameters(), None)
+    x = torch.randn(2, conv.in_channels if conv is not None else 3, *size, generator=torch.Generator().manual_seed(0))  # the global RNG is left alone
+    if p is not None: x = x.to(p.device)
+    info, hooks = {}, []
+    def keep(name):
+        def hook(m, inp, out):
+            if isinstance(out, (tuple, list)) and out: out = out[0]
+            if name not in info and isinstance(out, Tensor): info[name] = (len(info), tuple(out.shape))
+        return hook
+    for n, m in model.named_modules(): hooks.append(m.register_forward_hook(keep(n)))
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(): model(x)
+    finally:
+        for h in hooks: h.remove()
+        model.train(training)
+    return info
+
+def _spatial(shape:tuple, size:tuple):
+    "`((h, w), layout)` of a 4-d output whose two spatial dims keep the probe's aspect ratio, `((1, 1), layout)` once pooled; else None."
+    if len(shape) != 4: return None
+    H, W = size
+    if shape[2:] == (1, 1): return (1, 1), None
+    if shape[2] * W == shape[3] * H: return shape[2:], None
+    if shape[1] * W == shape[2] * H: return shape[1:3], 'nhwc'
+    return None
+
+def _stages(model:nn.Module, info:dict, size:tuple)->tuple:
+    "CNNs: the last of the shallowest modules at each spatial size, a module being split into its children while they span several sizes; then the pooled vector."
+    def kids(name, mod):
+        ks = [(f'{name}.{n}' if name else n, m) for n, m in mod.named_children()]
+        return sorted([k for k in ks if k[0] in info], key=lambda k: info[k[0]][0])
+    def spans(name, mod):  # its children's outputs span several spatial sizes (through a lone child too)
+        ks = kids(name, mod)
+        if len(ks) == 1: return spans(*ks[0])
+        return len({s[0] for k, _ in ks if (s := _spatial(info[k][1], size))}) >= 2
+    def expand(name, mod):
+        if name == '' or spans(name, mod): return [x for k, m in kids(name, mod) for x in expand(k, m)]
+        return [name]
+    runs = []  # [(size, [(name, layout), ...])]: the modules of each run of equal sizes
+    for n in expand('', model):
+        s = _spatial(info[n][1], size)
+        if s is None: continue
+        if runs and runs[-1][0] == s[0]: runs[-1][1].append((n, s[1]))
+        else: runs.append((s[0], [(n, s[1])]))
+    # each run's last module among its shallowest ones: a stage rather than the norm that follows it inside the next downsampling
+    groups = [(sz, *[m for m in ms if m[0].count('.') == min(x[0].count('.') for x in ms)][-1]) for sz, ms in runs]
+    pooled = [g for g in groups if g[0] == (1, 1)]
+    groups = [g for g in groups if g[0] != (1, 1)]
+    layers, layouts = [g[1] for g in groups], {g[1]: g[2] for g in groups if g[2]}
+    if pooled: layers.append(pooled[-1][1])
+    elif groups:  # no pooling module: a Flatten after the last stage (fastai's heads)
+        last = info[groups[-1][1]][0]
+        flat = sorted((info[n][0], n) for n, m in model.named_modules() if type(m).__name__ == 'Flatten' and n in info and info[n][0] > last)  # torch's or fastai's
+        if flat: layers.append(flat[0][1])
+    return layers, layouts
+
+# %% ../nbs/05_features.ipynb #8eec0d04
+def _blocks(model:nn.Module, info:dict)->str|None:
+    "The longest container of transformer blocks: children of one class, each giving `(b, n, d)` tokens of one shape."
+    best = None
+    for n, m in model.named_modules():
+        kids = [(f'{n}.{k}' if n else k, c) for k, c in m.named_children()]
+        if len(kids) < 2 or len({type(c) for _, c in kids}) != 1: continue
+        shapes = {info[k][1] if k in info else None for k, _ in kids}
+        if len(shapes) == 1 and None not in shapes and len(next(iter(shapes))) == 3 and (best is None or len(kids) > best[1]): best = (n, len(kids))
+    return best[0] if best else None
+
+def _transformer(model:nn.Module, info:dict, blocks:str, n_stages:int=4)->tuple:
+    "Vision transformers: the patch embedding (stem), `n_stages` evenly spaced blocks read as token maps, and the pooled vector the head reads."
+    kids = [f'{blocks}.{k}' for k, _ in model.get_submodule(blocks).named_children()]
+    n_tok = info[kids[0]][1][1]
+    prefix = n_tok - math.isqrt(n_tok) ** 2
+    picks = [kids[round(len(kids) * (i + 1) / n_stages) - 1] for i in range(n_stages)]
+    end = info[kids[-1]][0]
+    stem = [n for n, (o, s) in sorted(info.items(), key=lambda kv: kv[1][0]) if len(s) == 4 and n][:1]
+    layouts = {p: f'tokens:{prefix}' for p in picks}
+    after = sorted((o, n) for n, (o, s) in info.items() if o > end and n and not (blocks == n or blocks.startswith(n + '.')))  # not the blocks' containers
+    vec = [n for o, n in after if len(info[n][1]) == 2 and info[n][1][1] == info[kids[-1]][1][2] and not isinstance(model.get_submodule(n), nn.Linear)]
+    if vec: pooled = vec[-1]  # a module that outputs the pooled vector (timm's head_drop, fc_norm)
+    else:  # the final norm's tokens: the class token, or the mean token without one
+        pooled = next((n for o, n in after if info[n][1] == info[kids[-1]][1]), kids[-1])
+        layouts[pooled] = 'token0' if prefix else 'mean'
+    return stem + picks + [pooled], layouts
+
+def _probe_size(model:nn.Module)->tuple:
+    "The input size a model asks for (vision transformers), else 64 x 96: a non-square image tells height from width and channels."
+    s = getattr(model, 'image_size', None) or getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if s is None: return (64, 96)
+    return tuple(s) if isinstance(s, (tuple, list)) else (s, s)
+
+def find_feature_layers(
+    model:nn.Module, # a CNN or a vision transformer, e.g. from torchvision, timm or fastai's `vision_learner`
+)->list: # [stem, stage..., pooled]
+    "Feature layers found from the model's structure: timm's `feature_info`, else the stages seen in one forward pass on a random batch."
+    fi = getattr(model, 'feature_info', None)
+    if fi is not None and not isinstance(fi, (list, tuple)): fi = getattr(fi, 'info', None)
+    size = _probe_size(model)
+    info = _probe(model, size)
+    blocks = _blocks(model, info)
+    if blocks is not None: layers, layouts = _transformer(model, info, blocks)
+    elif fi:  # timm CNNs: their stages, then the pooled vector
+        layers, layouts = [f['module'] for f in fi], {}
+        layers += [n for n in ('global_pool', 'head.global_pool') if n in info][:1]  # pooled (b, c) or (b, c, 1, 1)
+    else: layers, layouts = _stages(model, info, size)
+    if len(layers) < 2: raise ValueError(f"Could not find the feature stages of {type(model).__name__} from its structure.")
+    _LAYOUTS[model] = layouts
+    return layers
 
 # %% ../nbs/05_features.ipynb #a2121607
 def connector_for(
     s_shape:tuple, # student feature shape without the batch, `(c, h, w)` or `(d,)`
     t_shape:tuple, # teacher feature shape without the batch
 )->nn.Module:
-    "A module that maps a student feature of `s_shape` to `t_shape`."
+    "A module that maps a student feature of `s_shape` to `t_shape`: a linear map between vectors (or pooled 1 x 1 maps), pooling and a 1 x 1 convolution between maps."
     s_shape, t_shape = tuple(s_shape), tuple(t_shape)
     if s_shape == t_shape: return nn.Identity()
     if len(s_shape) == 1 and len(t_shape) == 1: return nn.Linear(s_shape[0], t_shape[0])
+    vec = lambda sh: len(sh) == 1 or (len(sh) == 3 and sh[1:] == (1, 1))  # a vector, or a pooled 1 x 1 map
+    if vec(s_shape) and vec(t_shape): return nn.Sequential(nn.Flatten(), nn.Linear(s_shape[0], t_shape[0]), nn.Unflatten(1, t_shape))
     if len(s_shape) == 3 and len(t_shape) == 3:
         layers = []
         if s_shape[1:] != t_shape[1:]: layers.append(nn.AdaptiveAvgPool2d(t_shape[1:]))

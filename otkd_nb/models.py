@@ -6,7 +6,7 @@ Docs: https://otkd-nb.github.io/otkd_nb/models.html.md"""
 
 # %% ../nbs/07_models.ipynb #832f554b
 from __future__ import annotations
-import difflib, pickle, re, zipfile
+import difflib, json, pickle, re, zipfile
 from collections.abc import Mapping
 from functools import partial, lru_cache
 from pathlib import Path
@@ -393,12 +393,15 @@ _ALIASES = {'mobile_half': 'MobileNetV2'}
 def model_name(
     name:str, # a model name, in any case, or an alias
 )->str: # the zoo's spelling
-    "The zoo's name for `name`, or a `ValueError` that lists the closest valid names."
+    "The zoo's name for `name` ('timm/<name>' for a timm model), or a `ValueError` that lists the closest valid names."
+    if isinstance(name, str) and name.lower().startswith('timm/'):
+        from otkd_nb.hub import timm_name
+        return timm_name(name)
     names = {n.lower(): n for n in [*CIFAR_MODELS, *IMAGENET_MODELS]} | {a.lower(): c for a, c in _ALIASES.items()}
     if isinstance(name, str) and name.lower() in names: return names[name.lower()]
     close = [names[n] for n in difflib.get_close_matches(str(name).lower(), names, n=4, cutoff=0.6)]
     raise ValueError(f"Unknown model {name!r}. " + (f"Did you mean {close}? " if close else '')
-                     + f"CIFAR models: {list(CIFAR_MODELS)}; ImageNet models: {list(IMAGENET_MODELS)}.")
+                     + f"CIFAR models: {list(CIFAR_MODELS)}; ImageNet models: {list(IMAGENET_MODELS)}; timm models: 'timm/<name>'.")
 
 # %% ../nbs/07_models.ipynb #33064ad3
 def _tv_weights(name, pretrained):
@@ -428,10 +431,21 @@ def _fetch_tv_weights(name, weights):
 def get_model(
     name:str, # a CIFAR zoo name (`CIFAR_MODELS`, e.g. 'resnet32x4') or an ImageNet one (`IMAGENET_MODELS`, e.g. 'tv_resnet34')
     num_classes:int|None=None, # outputs of the final layer; None: 100 for the CIFAR zoo, 1000 for ImageNet models
-    pretrained:bool|str=False, # ImageNet models only: True for torchvision's default weights, or a weights name such as 'IMAGENET1K_V1'
+    pretrained:bool|str=False, # ImageNet models: True for torchvision's default weights, or a weights name such as 'IMAGENET1K_V1'; timm: True (timm's cache) or a local file
+    **kwargs, # timm models only: passed to `timm.create_model` (e.g. `img_size=32`)
 )->nn.Module:
-    "Build the model called `name`, randomly initialised, or with torchvision's ImageNet weights."
+    "Build the model called `name`, randomly initialised, or with torchvision's (or timm's) weights; `model.otkd_name` keeps its name."
     name = model_name(name)
+    if name.startswith('timm/'):
+        from otkd_nb.hub import timm_model
+        return timm_model(name, num_classes, pretrained, **kwargs)
+    if kwargs: raise TypeError(f"get_model: {sorted(kwargs)} are for timm models only, not {name}.")
+    m = _build(name, num_classes, pretrained)
+    m.otkd_name, m.otkd_kwargs = name, {}
+    return m
+
+def _build(name:str, num_classes:int|None, pretrained:bool|str)->nn.Module:
+    "The zoo model `name`, randomly initialised or with torchvision's weights."
     if name in CIFAR_MODELS:
         if pretrained: raise ValueError(f"No pretrained weights ship for the CIFAR model {name}: train a teacher, or load a "
                                         f"checkpoint of the benchmark with `load_teacher(path)`.")
@@ -523,6 +537,9 @@ def read_checkpoint(
 ):
     "The object saved in `path`, on the CPU; without `trusted`, only tensors and plain containers are rebuilt."
     path = Path(path).expanduser()
+    if path.suffix == '.safetensors':  # plain tensors: nothing to unpickle
+        from otkd_nb.hub import read_safetensors
+        return read_safetensors(path)
     kind = _file_kind(path)
     if trusted:
         if kind == 'pickle':
@@ -632,13 +649,23 @@ def _check_fits(model:nn.Module, sd:dict, name:str, path):
 
 # %% ../nbs/07_models.ipynb #e71613c3
 def load_teacher(
-    path:str|Path, # a checkpoint: a dict with a 'model' (or 'state_dict') entry, or a bare state_dict
-    name:str|None=None, # the model; default: named by the file or its folder (`resnet32x4_vanilla/...`), else found by its keys
+    path:str|Path, # a checkpoint (a dict with a 'model' or 'state_dict' entry, or a bare state_dict), or a `.safetensors` file
+    name:str|None=None, # the model; default: from `save_student`'s JSON beside the file, the file or its folder (`resnet32x4_vanilla/...`), else found by its keys
     num_classes:int|None=None, # default: read from the final layer's weight
     trusted:bool=False, # allow a full unpickle, which can run code from the file: only for files you trust
+    model:nn.Module|None=None, # load into this model instead of building one (e.g. a `vision_learner` model)
+    **kwargs, # timm models: arguments to build it (e.g. `img_size`); default: those in the JSON beside the file
 )->nn.Module: # on the CPU, in eval mode
     "Build the model a checkpoint was trained as and load its weights strictly."
     sd = read_state_dict(path, trusted)
+    if model is not None:
+        _check_fits(model, sd, name or type(model).__name__, path)
+        model.load_state_dict(sd, strict=True)
+        return model.eval()
+    from otkd_nb.hub import sidecar
+    meta = json.loads(sidecar(path).read_text()) if Path(path).suffix == '.safetensors' and sidecar(path).exists() else {}
+    if name is None and meta.get('model'): name, num_classes = meta['model'], num_classes or meta.get('num_classes')
+    kwargs = {**(meta.get('model_kwargs') or {}), **kwargs}
     name = model_name(name) if name is not None else model_name_from_path(path)
     if name is None:
         found = matching_models(sd)
@@ -646,7 +673,7 @@ def load_teacher(
             raise CheckpointError(f"Cannot tell which model {path} holds: neither its file nor its folder names one, and its keys "
                                   + (f"fit several ({found})" if found else "fit no model of the zoo") + "; pass `name=`.")
         name = found[0]
-    model = get_model(name, num_classes if num_classes is not None else _num_classes(name, sd))
+    model = get_model(name, num_classes if num_classes is not None else _num_classes(name, sd), **kwargs)
     _check_fits(model, sd, name, path)
     model.load_state_dict(sd, strict=True)
     return model.eval()

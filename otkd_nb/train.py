@@ -27,6 +27,7 @@ from fastai.torch_core import rank_distrib, num_distrib, set_seed, distrib_barri
 from .callbacks import *
 from .callbacks import _TermMetric
 from .models import get_model, load_teacher, model_name, IMAGENET_MODELS
+from .hub import timm_size_kwargs
 from .data import cifar100_dls, svhn_dls, imagenet_dls, fashion_mnist_dls
 try: from fastai.distributed import DistributedDL  # needs `accelerate` (in the dev extra)
 except (ImportError, NameError): DistributedDL = None
@@ -557,7 +558,8 @@ def fit_run(
     c = dls.train.dataset.c
     if teacher is not None and _n_outputs(teacher) not in (None, c):
         raise ValueError(f"The teacher has {_n_outputs(teacher)} outputs but {dataset} has {c} classes: give a teacher trained on {dataset}.")
-    net = get_model(model, num_classes=c)
+    size = tuple(sample_batch(dls.train, 1)[0].shape[-2:]) if model.startswith('timm/') else None
+    net = get_model(model, num_classes=c, **(timm_size_kwargs(model, size) if size else {}))  # a ViT is built for the data's image size
     if rank == 0: start_folder(out, config, state)
     if world > 1: distrib_barrier()
     learn = RunLearner(dls, net, loss_func=CrossEntropyLossFlat(), opt_func=partial(SGD, mom=recipe.momentum, decouple_wd=False),

@@ -239,8 +239,28 @@ def test_crd_needs_index(dls, teacher):
 def test_ce_weight_conflict(dls, teacher):
     with pytest.raises(ValueError, match='ce_weight'): mk(dls, []).fit(1, cbs=[KDCallback(teacher, ce_weight=0.1), IPOTCallback(teacher, ce_weight=1.0)])
 
-def test_sequential_student_with_connectors_fails_clearly(dls, teacher):
+def test_a_sequential_student_carries_its_connectors_without_running_them(dls, teacher, tmp_path):
+    from otkd_nb.callbacks import SequentialWithParts
     seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    learn = Learner(dls, seq, loss_func=nn.CrossEntropyLoss(), path=tmp_path, cbs=IPOTCallback(teacher, student_layers=['3'], teacher_layers=['pool']))
+    assert type(learn.model) is SequentialWithParts and 'distill' in learn.model._modules
+    x = torch.randn(2, 3, 8, 8)
+    assert learn.model(x).shape == (2, 10)  # the connector is not run as a layer
+    before = [p.detach().clone() for p in learn.model.distill.parameters()]
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.1)
+    assert any(not torch.equal(a, b) for a, b in zip(before, learn.model.distill.parameters()))  # the optimizer trained the connector
+    learn.save('s')
+    again = Learner(dls, nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)),
+                    loss_func=nn.CrossEntropyLoss(), path=tmp_path, cbs=IPOTCallback(teacher, student_layers=['3'], teacher_layers=['pool'])).load('s')
+    for a, b in zip(learn.model.state_dict().values(), again.model.state_dict().values()): assert torch.equal(a, b)
+    import copy, pickle
+    from otkd_nb.callbacks import strip_distill
+    m = pickle.loads(pickle.dumps(strip_distill(copy.deepcopy(learn.model))))  # what the exported learner holds
+    assert type(m) is nn.Sequential and 'distill' not in m._modules and len(m) == 5
+
+def test_a_sequential_subclass_with_connectors_fails_clearly(dls, teacher):
+    class MySeq(nn.Sequential): pass
+    seq = MySeq(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     with pytest.raises(TypeError, match='wrap it in a module of its own'):
         Learner(dls, seq, loss_func=nn.CrossEntropyLoss(), cbs=IPOTCallback(teacher, student_layers=['3'], teacher_layers=['pool']))
 
