@@ -26,9 +26,10 @@ fashion-mnist:
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || echo "warning: could not install dataset-fashion-mnist; tests that need it will be skipped"; \
 	else echo "note: $(FMNIST) is missing; install Debian's dataset-fashion-mnist (or set OTKD_DATA) to run the Fashion-MNIST parts"; fi; }
 
-# Export the notebooks to the package and regenerate README.md from nbs/index.ipynb.
+# Clean the notebooks and their saved outputs, export them to the package and regenerate README.md from nbs/index.ipynb.
 export: $(STAMP)
 	$(BIN)/nbdev-clean
+	$(BIN)/python tools/clean_outputs.py
 	$(BIN)/nbdev-export
 	$(BIN)/python tools/readme.py
 

@@ -1,10 +1,11 @@
-"""Fail if `nbdev-clean`, `nbdev-export` or the README generator would change any file.
+"""Fail if `nbdev-clean`, `nbdev-export`, the output cleaner or the README generator would change any file, or if a saved output is dirty.
 
 Run by `make test`: the notebooks are the source, so the package, the cleaned notebooks and README.md
 must be exactly what the tools make of them. Files are hashed before and after; nothing is reverted,
-so after a failure `git diff` shows what the tools changed (commit it, or fix the notebook).
+so after a failure `git diff` shows what the tools changed (commit it, or fix the notebook). Saved outputs must be clean
+(`tools/clean_outputs.py`: no ANSI codes, progress-bar residue or absolute temporary paths).
 """
-import hashlib, subprocess, sys
+import hashlib, json, subprocess, sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
@@ -16,7 +17,7 @@ def snapshot():
             for f in files if '.ipynb_checkpoints' not in f.parts}
 
 before = snapshot()
-for cmd in ([bin_/'nbdev-clean'], [bin_/'nbdev-export'], [sys.executable, root/'tools'/'readme.py']):
+for cmd in ([bin_/'nbdev-clean'], [sys.executable, root/'tools'/'clean_outputs.py'], [bin_/'nbdev-export'], [sys.executable, root/'tools'/'readme.py']):
     subprocess.run([str(c) for c in cmd], cwd=root, check=True)
 after = snapshot()
 changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
@@ -25,4 +26,12 @@ if changed:
     for f in changed: print("  ", f)
     print("Run `make export`, review `git diff`, and commit the result.")
     sys.exit(1)
-print("notebooks, package and README.md are in sync")
+sys.path.insert(0, str(root/'tools'))
+from clean_outputs import problems
+dirty = [(f.relative_to(root), p) for f in sorted(root.glob('nbs/**/*.ipynb')) if '.ipynb_checkpoints' not in f.parts
+         for p in problems(json.loads(f.read_text()))]
+if dirty:
+    print("Dirty outputs (re-run the cell, or clean the output by hand):")
+    for f, (cell, what) in dirty: print(f"   {f}, cell {cell}: {what}")
+    sys.exit(1)
+print("notebooks, package and README.md are in sync; saved outputs are clean")
