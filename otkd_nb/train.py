@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 import torch
 from torch import nn, Tensor
-from fastcore.basics import patch, store_attr
+from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastai.callback.core import Callback, CancelEpochException
@@ -39,9 +39,9 @@ __all__ = ['RECIPES', 'SMALL_MODELS', 'METHOD_PARTS', 'OT_PARTS', 'PAPER_METHODS
            'method_weights', 'weights_table', 'write_atomic', 'write_json', 'read_json', 'RunLearner', 'TrainAccuracy',
            'AtomicCSVLogger', 'model_state', 'opt_state', 'load_opt_state', 'RunCheckpoint', 'cpu_seconds',
            'AutoThreads', 'get_dls', 'RunExistsError', 'RunConfigError', 'check_folder', 'start_folder', 'fit_run',
-           'train_teacher', 'get_teacher', 'distill', 'threads_arg', 'train_teacher_parser', 'distill_parser',
-           'parse_options', 'train_teacher_main', 'distill_main', 'log_rows', 'time_seconds', 'fit_or_reuse',
-           'demo_table', 'demo_plot', 'demo', 'demo_parser', 'demo_main']
+           'train_teacher', 'get_teacher', 'distill', 'broadcast_by_backend', 'fix_distributed_dl', 'threads_arg',
+           'train_teacher_parser', 'distill_parser', 'parse_options', 'train_teacher_main', 'distill_main', 'log_rows',
+           'time_seconds', 'fit_or_reuse', 'demo_table', 'demo_plot', 'demo', 'demo_parser', 'demo_main']
 
 # %% ../nbs/09_train.ipynb #b9ebd4d0
 @dataclass(frozen=True)
@@ -479,6 +479,7 @@ def _pick_device(device)->torch.device:
 def _init_distributed(device:torch.device):
     "Under torchrun or accelerate launch: join the process group through Accelerate (gloo on the CPU, NCCL on GPUs)."
     import torch.distributed as dist
+    fix_distributed_dl()
     if dist.is_initialized(): return
     from accelerate import PartialState
     PartialState(cpu=device.type == 'cpu')
@@ -636,14 +637,16 @@ def distill(
                    teacher_ckpt=None if teacher_ckpt is None else str(teacher_ckpt), **kwargs)
 
 # %% ../nbs/09_train.ipynb #b0ee25e7
-if DistributedDL is not None:
-    @patch
-    def _broadcast(self:DistributedDL, t, rank):
-        "Broadcast `t` from `rank` to all ranks: on CUDA for NCCL, on the CPU otherwise (fastai 2.8.12 always moves it to CUDA)."
-        t = torch.tensor(t, dtype=torch.long)
-        if torch.distributed.get_backend() == 'nccl': t = t.cuda()
-        torch.distributed.broadcast(t, rank)
-        return t.cpu().tolist()
+def broadcast_by_backend(self, t, rank):
+    "Broadcast `t` from `rank` to all ranks: on CUDA for NCCL, on the CPU otherwise (fastai 2.8.12's `DistributedDL._broadcast` always moves it to CUDA)."
+    t = torch.tensor(t, dtype=torch.long)
+    if torch.distributed.get_backend() == 'nccl': t = t.cuda()
+    torch.distributed.broadcast(t, rank)
+    return t.cpu().tolist()
+
+def fix_distributed_dl():
+    "Make fastai's `DistributedDL` broadcast on the process group's own device (so CPU processes with gloo work); applied when a distributed run starts, not at import."
+    if DistributedDL is not None and DistributedDL._broadcast is not broadcast_by_backend: DistributedDL._broadcast = broadcast_by_backend
 
 # %% ../nbs/09_train.ipynb #7be50a57
 _RECIPE_HELP = '; '.join(f"{k} {r.epochs}" for k, r in RECIPES.items())
