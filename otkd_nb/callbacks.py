@@ -432,22 +432,41 @@ class IPOTCallback(OTCallback):
 class REMDCallback(OTCallback):
     "OT distillation by the relaxed EMD, a lower bound on exact OT."
     term = 'remd'
-    def __init__(self, teacher:nn.Module, weight:float=1.0, student_layers:list|None=None, teacher_layers:list|None=None,
-                 ce_weight:float|None=None, graph:bool|None=None):
-        super().__init__(teacher, weight, student_layers, teacher_layers, 'remd', ce_weight, graph)
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=1.0, # weight of the OT term (alpha in the paper)
+        student_layers:list|None=None, # student layer names; None: every stage but the stem, and the pooled vector
+        teacher_layers:list|None=None, # teacher layer names; None: the teacher's deepest layers, as many as the student's
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        graph:bool|None=None, # replay the term from CUDA graphs (see `OTCallback`); None: on CUDA when the solver allows
+    ): super().__init__(teacher, weight, student_layers, teacher_layers, 'remd', ce_weight, graph)
 
 class ExactOTCallback(OTCallback):
     "OT distillation by exact OT (an assignment problem per layer, solved on the CPU)."
     term = 'exact_ot'
-    def __init__(self, teacher:nn.Module, weight:float=1.0, student_layers:list|None=None, teacher_layers:list|None=None,
-                 ce_weight:float|None=None):
-        super().__init__(teacher, weight, student_layers, teacher_layers, 'exact', ce_weight)
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=1.0, # weight of the OT term
+        student_layers:list|None=None, # student layer names; None: every stage but the stem, and the pooled vector
+        teacher_layers:list|None=None, # teacher layer names; None: the teacher's deepest layers, as many as the student's
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+    ): super().__init__(teacher, weight, student_layers, teacher_layers, 'exact', ce_weight)
 
 class SinkhornCallback(OTCallback):
     "OT distillation by entropic Sinkhorn, for comparison."
     term = 'sinkhorn'
-    def __init__(self, teacher:nn.Module, weight:float=1.0, student_layers:list|None=None, teacher_layers:list|None=None,
-                 reg:float=0.05, n_iter:int=100, ce_weight:float|None=None, graph:bool|None=None, compile:bool=False, triton:bool=False):
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=1.0, # weight of the OT term
+        student_layers:list|None=None, # student layer names; None: every stage but the stem, and the pooled vector
+        teacher_layers:list|None=None, # teacher layer names; None: the teacher's deepest layers, as many as the student's
+        reg:float=0.05, # entropic regularisation epsilon (see `otkd_nb.ipot.sinkhorn`)
+        n_iter:int=100, # Sinkhorn iterations
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        graph:bool|None=None, # replay the term from CUDA graphs (see `OTCallback`); None: on CUDA when the solver allows
+        compile:bool=False, # `torch.compile` the solver loop (CPU)
+        triton:bool=False, # the one-kernel Triton loop (CUDA)
+    ):
         super().__init__(teacher, weight, student_layers, teacher_layers, 'sinkhorn', ce_weight, graph, reg=reg, n_iter=n_iter,
                          compile=compile, triton=triton)
 
@@ -457,8 +476,13 @@ def _last(model, role): return default_layers(model, role)[-1:]
 class FitNetCallback(DistillCallback):
     "FitNet hints: MSE between a regressed student feature and the teacher's, at the benchmark's hint layer."
     term = 'fitnet'
-    def __init__(self, teacher:nn.Module, weight:float=100., student_layers:list|None=None, teacher_layers:list|None=None,
-                 ce_weight:float|None=None):
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=100., # weight of the hint term (the benchmark's `-b 100`)
+        student_layers:list|None=None, # student layer names; None: the middle stage, the benchmark's hint layer
+        teacher_layers:list|None=None, # teacher layer names; None: its middle stage
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+    ):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
     def layers_for(self, model, role): return default_layers(model, role)[2:3]
     def build(self, s_shapes, t_shapes): return FitNetLoss(s_shapes[0], t_shapes[0])
@@ -467,8 +491,15 @@ class FitNetCallback(DistillCallback):
 class RKDCallback(DistillCallback):
     "Relational KD: distances and angles between the samples of a batch, on the penultimate features."
     term, min_batch = 'rkd', 2  # relations between the samples of a batch
-    def __init__(self, teacher:nn.Module, weight:float=1., student_layers:list|None=None, teacher_layers:list|None=None,
-                 w_dist:float=25., w_angle:float=50., ce_weight:float|None=None):
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=1., # weight of the RKD term (the benchmark's `-b 1`)
+        student_layers:list|None=None, # student layer names; None: the pooled penultimate vector
+        teacher_layers:list|None=None, # teacher layer names; None: the pooled penultimate vector
+        w_dist:float=25., # weight of the distance-wise part (the authors' 25)
+        w_angle:float=50., # weight of the angle-wise part (the authors' 50)
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+    ):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
         self.loss = RKDLoss(w_dist, w_angle)
     def layers_for(self, model, role): return _last(model, role)
@@ -477,8 +508,13 @@ class RKDCallback(DistillCallback):
 class PKTCallback(DistillCallback):
     "Probabilistic knowledge transfer on the penultimate features."
     term, min_batch = 'pkt', 2  # relations between the samples of a batch
-    def __init__(self, teacher:nn.Module, weight:float=30000., student_layers:list|None=None, teacher_layers:list|None=None,
-                 ce_weight:float|None=None):
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=30000., # weight of the PKT term (the benchmark's `-b 30000`)
+        student_layers:list|None=None, # student layer names; None: the pooled penultimate vector
+        teacher_layers:list|None=None, # teacher layer names; None: the pooled penultimate vector
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+    ):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
         self.loss = PKTLoss()
     def layers_for(self, model, role): return _last(model, role)
@@ -487,8 +523,14 @@ class PKTCallback(DistillCallback):
 class ATCallback(DistillCallback):
     "Attention transfer on every stage output (spatial attention maps)."
     term = 'at'
-    def __init__(self, teacher:nn.Module, weight:float=1000., student_layers:list|None=None, teacher_layers:list|None=None,
-                 p:float=2., ce_weight:float|None=None):
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=1000., # weight of the AT term (the benchmark's `-b 1000`)
+        student_layers:list|None=None, # student layer names; None: every stage output
+        teacher_layers:list|None=None, # teacher layer names; None: every stage output
+        p:float=2., # power of the attention map (the authors' 2)
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+    ):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
         self.loss = ATLoss(p)
     def layers_for(self, model, role): return default_layers(model, role)[1:-1]
@@ -497,8 +539,13 @@ class ATCallback(DistillCallback):
 class SPCallback(DistillCallback):
     "Similarity-preserving KD on the last stage output."
     term, min_batch = 'sp', 2  # relations between the samples of a batch
-    def __init__(self, teacher:nn.Module, weight:float=3000., student_layers:list|None=None, teacher_layers:list|None=None,
-                 ce_weight:float|None=None):
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=3000., # weight of the SP term (the benchmark's `-b 3000`)
+        student_layers:list|None=None, # student layer names; None: the last stage output
+        teacher_layers:list|None=None, # teacher layer names; None: the last stage output
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+    ):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
         self.loss = SPLoss()
     def layers_for(self, model, role): return default_layers(model, role)[-2:-1]
@@ -507,8 +554,15 @@ class SPCallback(DistillCallback):
 class CCCallback(DistillCallback):
     "Correlation congruence on embedded penultimate features (the CRD benchmark's form and weight)."
     term, min_batch = 'cc', 2  # relations between the samples of a batch
-    def __init__(self, teacher:nn.Module, weight:float=0.02, student_layers:list|None=None, teacher_layers:list|None=None,
-                 feat_dim:int=128, form:str='crd', ce_weight:float|None=None):
+    def __init__(self,
+        teacher:nn.Module, # the teacher model
+        weight:float=0.02, # weight of the CC term (the benchmark's `-b 0.02`)
+        student_layers:list|None=None, # student layer names; None: the pooled penultimate vector
+        teacher_layers:list|None=None, # teacher layer names; None: the pooled penultimate vector
+        feat_dim:int=128, # size of the embeddings
+        form:str='crd', # 'crd': the CRD benchmark's simplified loss; 'taylor': the CC paper's kernel
+        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+    ):
         super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
         self.feat_dim, self.form = feat_dim, form
     def layers_for(self, model, role): return _last(model, role)
