@@ -34,14 +34,15 @@ except (ImportError, NameError): DistributedDL = None
 
 # %% auto #0
 __all__ = ['RECIPES', 'SMALL_MODELS', 'METHOD_PARTS', 'OT_PARTS', 'PAPER_METHODS', 'DATASETS', 'RUN_FILES', 'RUNTIME_KEYS',
-           'Recipe', 'recipe_lr', 'scaled_milestones', 'SchedStep', 'parse_method', 'canonical_method', 'needs_index',
-           'gather_batch', 'GlobalOT', 'train_class', 'part_options', 'check_options', 'kd_weights', 'method_callbacks',
-           'method_weights', 'weights_table', 'write_atomic', 'write_json', 'read_json', 'RunLearner', 'TrainAccuracy',
-           'AtomicCSVLogger', 'model_state', 'opt_state', 'load_opt_state', 'RunCheckpoint', 'cpu_seconds',
-           'AutoThreads', 'get_dls', 'RunExistsError', 'RunConfigError', 'check_folder', 'start_folder', 'fit_run',
-           'train_teacher', 'get_teacher', 'distill', 'broadcast_by_backend', 'fix_distributed_dl', 'threads_arg',
-           'train_teacher_parser', 'distill_parser', 'parse_options', 'train_teacher_main', 'distill_main', 'log_rows',
-           'time_seconds', 'fit_or_reuse', 'demo_table', 'demo_plot', 'demo', 'demo_parser', 'demo_main']
+           'Recipe', 'recipe_lr', 'scaled_milestones', 'SchedStep', 'fit_recipe', 'parse_method', 'canonical_method',
+           'needs_index', 'gather_batch', 'GlobalOT', 'train_class', 'part_options', 'check_options', 'kd_weights',
+           'method_callbacks', 'method_weights', 'weights_table', 'write_atomic', 'write_json', 'read_json',
+           'RunLearner', 'TrainAccuracy', 'AtomicCSVLogger', 'model_state', 'opt_state', 'load_opt_state',
+           'RunCheckpoint', 'cpu_seconds', 'AutoThreads', 'get_dls', 'RunExistsError', 'RunConfigError', 'check_folder',
+           'start_folder', 'fit_run', 'train_teacher', 'get_teacher', 'distill', 'broadcast_by_backend',
+           'fix_distributed_dl', 'threads_arg', 'train_teacher_parser', 'distill_parser', 'parse_options',
+           'train_teacher_main', 'distill_main', 'log_rows', 'time_seconds', 'fit_or_reuse', 'demo_table', 'demo_plot',
+           'demo', 'demo_parser', 'demo_main']
 
 # %% ../nbs/09_train.ipynb #b9ebd4d0
 @dataclass(frozen=True)
@@ -97,6 +98,24 @@ class SchedStep:
     ): self.start, self.milestones, self.gamma = start, sorted(milestones), gamma
     def __call__(self, pos:float)->float: return self.start * self.gamma ** sum(pos >= m - 1e-9 for m in self.milestones)
     def __repr__(self): return f"SchedStep({self.start}, {[round(m, 6) for m in self.milestones]}, gamma={self.gamma})"
+
+# %% ../nbs/09_train.ipynb #30aedfad
+def fit_recipe(
+    learn:Learner, # a learner, its distillation callbacks included
+    dataset:str='cifar100', # whose recipe: a key of `RECIPES`
+    epochs:int|None=None, # None: the recipe's (the milestones scale with it)
+    lr:float|None=None, # None: the recipe's for the student (`recipe_lr`, when `get_model` named it)
+    cbs:list|None=None, # more callbacks for this fit
+):
+    "Train `learn` with `dataset`'s recipe: SGD with momentum and coupled L2 weight decay on all parameters, and the step schedule."
+    if dataset not in RECIPES: raise ValueError(f"Unknown dataset {dataset!r}; choose among {list(RECIPES)}.")
+    recipe = RECIPES[dataset]
+    epochs = epochs or recipe.epochs
+    name = getattr(getattr(learn.model, 'module', learn.model), 'otkd_name', None)
+    lr = lr or (recipe_lr(recipe, name) if name and not name.startswith('timm/') else recipe.lr)
+    learn.opt_func, learn.opt, learn.wd_bn_bias = partial(SGD, mom=recipe.momentum, decouple_wd=False), None, True
+    sched = SchedStep(lr, [m / epochs for m in scaled_milestones(recipe, epochs)], recipe.gamma)
+    learn.fit(epochs, lr, wd=recipe.wd, cbs=[ParamScheduler({'lr': sched})] + list(cbs or []))
 
 # %% ../nbs/09_train.ipynb #cd623371
 METHOD_PARTS = dict(ipot=IPOTCallback, remd=REMDCallback, exact=ExactOTCallback, sinkhorn=SinkhornCallback, crd=CRDCallback,
