@@ -25,7 +25,7 @@ from fastai.metrics import accuracy, top_k_accuracy
 from fastai.optimizer import SGD
 from fastai.torch_core import rank_distrib, num_distrib, set_seed, distrib_barrier
 from .callbacks import *
-from .callbacks import _TermMetric
+from .distill import TermMetric
 from .models import get_model, load_teacher, model_name, IMAGENET_MODELS
 from .hub import timm_size_kwargs
 from .data import cifar100_dls, svhn_dls, imagenet_dls, fashion_mnist_dls
@@ -293,7 +293,7 @@ class RunLearner(Learner):
             self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
 # %% ../nbs/09_train.ipynb #cd36e156
-_Column = _TermMetric  # a column of the progress table and the log whose value a callback sets (see otkd_nb.callbacks)
+_Column = TermMetric  # a column of the progress table and the log whose value a callback sets (see otkd_nb.callbacks)
 
 class TrainAccuracy(Callback):
     "The accuracy on the training batches (augmented, as trained on), in a column `train_accuracy`."
