@@ -1,4 +1,4 @@
-"""fastai callbacks that add distillation terms to a `Learner`'s loss: KD, the OT family (IPOT, REMD, exact, Sinkhorn) and the paper's baselines; they compose, run the teacher once per batch, and show each term in the progress table.
+"""The paper's terms as fastai callbacks: KD, feature-level OT (IPOT, REMD, exact, Sinkhorn), the baselines of the CRD benchmark and WKD. They compose, run the teacher once per batch, and show each term in the progress table.
 
 Docs: https://otkd-nb.github.io/otkd_nb/callbacks.html.md"""
 
@@ -6,335 +6,21 @@ Docs: https://otkd-nb.github.io/otkd_nb/callbacks.html.md"""
 
 # %% ../nbs/06_callbacks.ipynb #d7646e9d
 from __future__ import annotations
-import math, random, warnings, weakref, contextlib, torch, numpy as np
+import math, warnings, torch
 from torch import nn, Tensor
-from fastcore.basics import store_attr
-from fastai.learner import Learner, Metric
-from fastai.optimizer import Optimizer
-from fastai.callback.core import Callback
-from fastai.torch_core import to_device
-from .features import FeatureHooks, default_layers, connector_for
+from fastcore.basics import store_attr, patch
+from fastcore.meta import delegates
+from .features import default_layers, connector_for
 from .losses import *
 from .wkd import WassersteinLogitLoss, GaussianWassersteinLoss, class_cost_from_weights, sharpen_cost, wkd_target_loss
+from .distill import *
+_all_ = ['DistillCallback', 'strip_distill', 'synthetic_dls', 'TinyNet', 'SequentialWithParts', 'sample_batch', 'n_inputs', 'shared_state']
 
 # %% auto #0
-__all__ = ['preserve_rng', 'n_inputs', 'sample_batch', 'SequentialWithParts', 'strip_distill', 'ExportStudent', 'DistillCallback',
-           'KDCallback', 'OTCallback', 'IPOTCallback', 'REMDCallback', 'ExactOTCallback', 'SinkhornCallback',
-           'FitNetCallback', 'RKDCallback', 'PKTCallback', 'ATCallback', 'SPCallback', 'CCCallback', 'dataset_labels',
-           'CRDCallback', 'classifier_weights', 'WKDLCallback', 'WKDFCallback', 'synthetic_dls', 'TinyNet']
-
-# %% ../nbs/06_callbacks.ipynb #52a65abb
-class _TermMetric(Metric):
-    "A column showing the training-epoch average of one loss term."
-    def __init__(self, name:str): self._name, self.val = name, None
-    def reset(self): pass
-    def accumulate(self, learn): pass
-    @property
-    def value(self): return self.val
-    @property
-    def name(self): return self._name
-
-# %% ../nbs/06_callbacks.ipynb #87477fe6
-class _Shared:
-    "Per-learner state shared by the distillation callbacks: one teacher run and one CE reweighting per batch."
-    def __init__(self):
-        self.xb, self.t_out, self.ce, self.ce_xb, self.metric = None, {}, None, None, _TermMetric('ce')
-        self.ce_batches, self.history = [], []  # the task loss of each training batch: this epoch's tensors, all epochs' floats
-
-    def teacher_output(self, teacher:nn.Module, xb:tuple):
-        "Run `teacher` on `xb` once per batch (the first callback that asks pays for it)."
-        if self.xb is not xb: self.xb, self.t_out = xb, {}
-        if id(teacher) not in self.t_out:
-            with torch.no_grad(): self.t_out[id(teacher)] = teacher(*xb)
-        return self.t_out[id(teacher)]
-
-def _shared(learn) -> "_Shared":
-    if not isinstance(learn.__dict__.get('_distill_shared'), _Shared): learn._distill_shared = _Shared()
-    return learn._distill_shared
-
-# %% ../nbs/06_callbacks.ipynb #a671ff8c
-class _CleanupOnError:
-    "Wraps `Learner._do_fit`: on any exception, remove the hooks of the learner's distillation callbacks, then re-raise."
-    def __init__(self, learn): self.learn = learn
-    def __call__(self):
-        try: return type(self.learn)._do_fit(self.learn)
-        except BaseException:
-            for cb in self.learn.cbs:
-                if isinstance(cb, DistillCallback): cb._remove_hooks()
-            raise
-
-# %% ../nbs/06_callbacks.ipynb #2896b296
-@contextlib.contextmanager
-def preserve_rng(device:torch.device|None=None):
-    "Restore Python's, NumPy's and torch's random states (and `device`'s, on CUDA) on exit."
-    py, npy = random.getstate(), np.random.get_state()
-    devs = [device] if device is not None and torch.device(device).type == 'cuda' else []
-    with torch.random.fork_rng(devices=devs):
-        try: yield
-        finally: random.setstate(py); np.random.set_state(npy)
-
-def n_inputs(
-    learn, # a fastai `Learner`
-    b:tuple, # one whole batch, inputs then targets
-)->int:
-    "How many elements of `b` are inputs: the loaders' `n_inp`, else their dataset's, else all but the last (as fastai's `Learner`)."
-    n = getattr(learn.dls, 'n_inp', None)
-    if n is None: n = getattr(getattr(learn.dls.train, 'dataset', None), 'n_inp', None)
-    return n if n is not None else 1 if len(b) == 1 else len(b) - 1
-
-def sample_batch(
-    dl, # a fastai `DataLoader` or a PyTorch `DataLoader` over a map-style dataset
-    n:int=2, # the first `n` samples of its dataset
-    device:torch.device|None=None, # where the batch goes; None: the loader's device
-)->tuple:
-    "A batch of the first `n` samples of `dl`'s dataset, through `dl`'s transforms, leaving `dl` and every random state untouched."
-    if type(dl).__name__ == 'DistributedDL': dl = dl.dl  # fastai's distributed wrapper: the loader it wraps
-    ds = getattr(dl, 'dataset', None)
-    if ds is None or not hasattr(ds, '__getitem__'):
-        raise TypeError(f"The distillation callbacks read feature shapes from the first samples of the training set, but this loader's "
-                        f"dataset ({type(ds).__name__}) cannot be indexed; give the Learner loaders over a map-style dataset.")
-    k = min(n, len(ds))
-    with preserve_rng(device):
-        if hasattr(dl, 'do_batch') and hasattr(dl, 'do_item'):  # fastai
-            b = dl.after_batch(to_device(dl.do_batch([dl.do_item(i) for i in range(k)]), device or dl.device))
-        else: b = to_device(dl.collate_fn([ds[i] for i in range(k)]), device)  # PyTorch
-    return tuple(b) if isinstance(b, (tuple, list)) else (b,)
-
-# %% ../nbs/06_callbacks.ipynb #2862e341
-class SequentialWithParts(nn.Sequential):
-    "An `nn.Sequential` student that holds the distillation's trainable parts under `distill` without running them in its forward."
-    def forward(self, input):
-        for name, module in self._modules.items():
-            if name != 'distill': input = module(input)
-        return input
-
-def strip_distill(model:nn.Module)->nn.Module:
-    "Remove the distillation parts (connectors, embeddings) attached to a student by the callbacks; returns the model (a plain Sequential again if it was one)."
-    if 'distill' in model._modules: del model._modules['distill']
-    if type(model) is SequentialWithParts: model.__class__ = nn.Sequential
-    return model
-
-# %% ../nbs/06_callbacks.ipynb #5529f5b3
-class ExportStudent:
-    "`learn.export` of a learner with distillation callbacks: the exported learner holds the student alone."
-    def __init__(self, learn): self.learn = learn
-    def __call__(self, *args, **kwargs):
-        learn, d = self.learn, self.learn.__dict__
-        saved = {k: d.pop(k) for k in ('export', '_do_fit', '_distill_shared') if k in d}
-        metrics, cbs = list(learn.metrics), [cb for cb in learn.cbs if isinstance(cb, DistillCallback)]
-        bare = getattr(learn.model, 'module', learn.model)
-        parts = bare._modules.pop('distill', None)
-        cls = type(bare)
-        if cls is SequentialWithParts: bare.__class__ = nn.Sequential  # the exported student is the Sequential it was
-        opt, learn.opt = learn.opt, None  # fastai's export would rebuild it without the trainable parts
-        learn.remove_cbs(cbs)
-        learn.metrics = [m for m in metrics if not isinstance(m, _TermMetric)]
-        try: return type(learn).export(learn, *args, **kwargs)
-        finally:
-            if parts is not None: bare._modules['distill'] = parts
-            bare.__class__ = cls
-            learn.add_cbs(cbs); learn.metrics = metrics; learn.opt = opt; d.update(saved)
-
-# %% ../nbs/06_callbacks.ipynb #75c46beb
-class DistillCallback(Callback):
-    "Base class: adds `weight * compute(...)` to the training loss, with teacher and student features caught by name."
-    order, run_valid = 5, False
-    uses_features = True # False for terms that only need the outputs (KD)
-    min_batch = 1 # smallest batch the term is defined on: smaller ones (a last partial batch) skip it, recorded in `skipped`
-    term = 'distill' # column name in the progress table
-
-    def __init__(self,
-        teacher:nn.Module, # the teacher model (an `nn.Module`, not a `Learner`)
-        weight:float=1.0, # weight of this term in the total loss
-        student_layers:list|None=None, # student layer names; None: this loss's default for the model
-        teacher_layers:list|None=None, # teacher layer names; None: this loss's default for the model
-        ce_weight:float|None=None, # weight of the task loss (None: leave it as it is)
-    ):
-        store_attr()
-        self.s_hooks = self.t_hooks = None
-        self._probed = None  # weak references to the student and teacher, and the layers, last probed and found to need no trainable parts
-        self.metric = _TermMetric(self.term)
-        self._sum = self._n = 0
-        self._batches, self.history = [], []  # this term on each training batch: this epoch's tensors, all epochs' floats
-        self.skipped = []  # `(epoch, batch, reason)` of the training batches on which the term was not computed
-        self.term_value = None  # this batch's term, unweighted and with its graph (None outside `after_loss`..`after_batch`): for diagnostics
-
-    # -- what a subclass defines
-    def layers_for(self, model:nn.Module, role:str)->list:
-        "Default layers of `model` for this loss: all feature layers but the stem; the deepest common ones are paired."
-        return default_layers(model, role)[1:]
-    def build(self, s_shapes:list, t_shapes:list)->nn.Module|None:
-        "Trainable parts needed for these feature shapes (without the batch), or None."
-        return None
-    def compute(self, s_feats:list, t_feats:list, s_out:Tensor, t_out:Tensor)->Tensor:
-        "The loss term (a scalar)."
-        raise NotImplementedError
-
-    # -- machinery
-    @property
-    def learn(self): return self.__dict__.get('_learn')
-    @learn.setter
-    def learn(self, learn):
-        if learn is None:  # fastai removes callbacks passed to `fit(cbs=...)` on exit, also on errors
-            self._remove_hooks()
-            old = self.__dict__.get('_learn')
-            if old is not None and self.metric in old.metrics: old.metrics = [m for m in old.metrics if m is not self.metric]
-        else:
-            if not isinstance(learn.__dict__.get('_do_fit'), _CleanupOnError): learn._do_fit = _CleanupOnError(learn)
-            if not isinstance(learn.__dict__.get('export'), ExportStudent): learn.export = ExportStudent(learn)
-        self.__dict__['_learn'] = learn
-
-    @property
-    def extras(self)->nn.Module|None:
-        "The trainable parts of this term, attached to the student model (also behind a `DistributedDataParallel` wrapper)."
-        m = self.learn.model
-        d = getattr(getattr(m, 'module', m), 'distill', None)
-        return d[self.name] if d is not None and self.name in d else None
-
-    def _check_teacher(self):
-        if isinstance(self.teacher, Learner):
-            raise TypeError(f"{type(self).__name__}: `teacher` is a fastai Learner; pass its model instead: `teacher=learner.model`.")
-        if not isinstance(self.teacher, nn.Module):
-            raise TypeError(f"{type(self).__name__}: `teacher` must be an nn.Module, got {type(self.teacher).__name__}.")
-
-    def _layers(self):
-        if self.student_layers is None and self.teacher_layers is None:  # defaults: pair the deepest layers common to both
-            s, t = self.layers_for(self.learn.model, 'student'), self.layers_for(self.teacher, 'teacher')
-            k = min(len(s), len(t))
-            return s[len(s) - k:], t[len(t) - k:]
-        s = self.student_layers or self.layers_for(self.learn.model, 'student')
-        t = self.teacher_layers or self.layers_for(self.teacher, 'teacher')
-        if len(s) != len(t):
-            raise ValueError(f"{type(self).__name__}: {len(s)} student layers {s} but {len(t)} teacher layers {t}; "
-                             "pass `student_layers` and `teacher_layers` of the same length.")
-        return list(s), list(t)
-
-    def _device(self):
-        p = next(self.learn.model.parameters(), None)
-        return p.device if p is not None else self.learn.dls.device
-
-    def inputs(self, b:tuple)->tuple:
-        "The model's inputs in a whole batch `b`."
-        return b[:n_inputs(self.learn, b)]
-
-    def _probe(self):
-        "Run both models on the first two training samples (no batch drawn from the loader): check the feature batches."
-        xb = self.inputs(sample_batch(self.learn.dls.train, 2, self._device()))
-        model, was_training = self.learn.model, self.learn.model.training
-        model.eval()
-        try:
-            with torch.no_grad(), FeatureHooks(model, self.s_layers) as hs, FeatureHooks(self.teacher, self.t_layers, detach=True) as ht:
-                model(*xb); self.teacher(*xb)
-                s_shapes, t_shapes = [tuple(f.shape) for f in hs.features], [tuple(f.shape) for f in ht.features]
-        finally: model.train(was_training)
-        for l, s, lt, t in zip(self.s_layers, s_shapes, self.t_layers, t_shapes):
-            if s[0] != t[0]:
-                raise ValueError(f"{type(self).__name__}: student layer {l!r} gives a batch of {s[0]} but teacher layer {lt!r} "
-                                 f"a batch of {t[0]}; the features of one mini-batch must pair up sample by sample.")
-        return [s[1:] for s in s_shapes], [t[1:] for t in t_shapes]
-
-    def _setup(self):
-        "Validate the teacher and the layers, move the teacher, build and attach the trainable parts (idempotent)."
-        self._check_teacher()
-        self.teacher.to(self._device()).eval()
-        if not self.uses_features: self.s_layers = self.t_layers = []; return False
-        self.s_layers, self.t_layers = self._layers()
-        if self.extras is not None or self._probed_already(): return False  # set up already, or nothing to build
-        with preserve_rng(self._device()): extras = self.build(*self._probe())  # initialising the parts draws nothing from the run's random state
-        if extras is None:
-            self._probed = (weakref.ref(self.learn.model), weakref.ref(self.teacher), (self.s_layers, self.t_layers))
-            return False
-        model = self.learn.model
-        if type(model) is nn.Sequential: model.__class__ = SequentialWithParts  # its forward must not run the parts as layers
-        elif isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and not isinstance(model, SequentialWithParts):
-            raise TypeError(f"{type(self).__name__} needs trainable parts for these layer shapes and attaches them to the student, "
-                            f"but the student is a {type(model).__name__}, whose forward would run them as layers; "
-                            "wrap it in a module of its own (`class Student(nn.Module)` holding it), or pick layers of equal shapes.")
-        if 'distill' not in model._modules: model.add_module('distill', nn.ModuleDict())
-        model.distill[self.name] = extras.to(self._device())
-        return True
-
-    def _probed_already(self)->bool:
-        "Whether these very models and layers were probed before and needed no trainable parts (a new model is probed again)."
-        p = self.__dict__.get('_probed')
-        return p is not None and p[0]() is self.learn.model and p[1]() is self.teacher and p[2] == (self.s_layers, self.t_layers)
-
-    def __getstate__(self): return {**self.__dict__, '_probed': None}  # weak references cannot be pickled (`learn.export`)
-
-    def after_create(self): self._setup()
-
-    def before_fit(self):
-        self._setup()
-        opt, parts = getattr(self.learn, 'opt', None), self.extras
-        if parts is not None and opt is not None:  # built after the optimizer, or missed by a splitter: train them too
-            have = {id(p) for pl in getattr(opt, 'param_lists', []) for p in pl}
-            missing = [p for p in parts.parameters() if id(p) not in have]
-            if missing:
-                if not isinstance(opt, Optimizer):
-                    raise RuntimeError(f"{type(self).__name__} needs trainable parts but the optimizer already exists; pass the "
-                                       "callback to the Learner (`Learner(..., cbs=[...])`) so they are created before the optimizer.")
-                opt.param_lists[-1] = opt.param_lists[-1] + missing
-        if self.uses_features:
-            self.s_hooks = FeatureHooks(self.learn.model, self.s_layers)
-            self.t_hooks = FeatureHooks(self.teacher, self.t_layers, detach=True)
-        sh = _shared(self.learn)
-        for m in (sh.metric, self.metric):
-            if m not in self.learn.metrics: self.learn.metrics = self.learn.metrics + [m]
-        if self.ce_weight is not None:
-            if sh.ce is not None and sh.ce[0] is not self and sh.ce[0] in self.learn.cbs and sh.ce[1] != self.ce_weight:
-                raise ValueError(f"{type(self).__name__}: ce_weight={self.ce_weight} but {type(sh.ce[0]).__name__} set ce_weight={sh.ce[1]}; "
-                                 "give the task-loss weight in one callback only.")
-            sh.ce = (self, self.ce_weight)
-
-    def before_train(self):
-        self._sum, self._n = 0., 0
-        sh = _shared(self.learn); sh.ce_sum, sh.ce_n = 0., 0
-
-    def after_loss(self):
-        learn, sh = self.learn, _shared(self.learn)
-        bs = learn.xb[0].shape[0]
-        if sh.ce_xb is not learn.xb:  # first term of this batch: record the task loss, reweight it if asked
-            sh.ce_xb = learn.xb
-            sh.ce_sum, sh.ce_n = sh.ce_sum + learn.loss_grad.detach().float() * bs, sh.ce_n + bs
-            sh.ce_batches.append(learn.loss_grad.detach().float())
-            if sh.ce is not None: learn.loss_grad = sh.ce[1] * learn.loss_grad
-            learn.loss = learn.loss_grad.detach().clone()
-        if bs < self.min_batch:  # e.g. a last batch of one: no transport problem, no relations between samples
-            self.skipped.append((learn.epoch, learn.iter, f"batch of {bs} < {self.min_batch}"))
-            self._batches.append(torch.full((), float('nan'), device=learn.loss_grad.device))
-            return
-        t_out = sh.teacher_output(self.teacher, learn.xb)
-        s_feats = self.s_hooks.features if self.uses_features else []
-        t_feats = self.t_hooks.features if self.uses_features else []
-        term = self.compute(s_feats, t_feats, learn.pred, t_out)
-        learn.loss_grad = learn.loss_grad + self.weight * term
-        self.term_value = term
-        learn.loss = learn.loss_grad.detach().clone()
-        self._sum, self._n = self._sum + term.detach().float() * bs, self._n + bs
-        self._batches.append(term.detach().float())
-
-    def after_batch(self):
-        self.term_value = None
-        for h in (self.s_hooks, self.t_hooks):
-            if h is not None: h.clear()
-
-    def after_train(self):
-        "Epoch averages for the progress table, and the per-batch values in `history` (one host sync per epoch)."
-        self.metric.val = (self._sum / self._n).item() if self._n else None
-        if self._batches: self.history += torch.stack(self._batches).tolist(); self._batches = []  # NaN where skipped
-        sh = _shared(self.learn)
-        sh.metric.val = (sh.ce_sum / sh.ce_n).item() if sh.ce_n else None
-        if sh.ce_batches: sh.history += torch.stack(sh.ce_batches).tolist(); sh.ce_batches = []
-
-    def _remove_hooks(self):
-        for h in (self.s_hooks, self.t_hooks):
-            if h is not None: h.remove()
-        self.s_hooks = self.t_hooks = None
-
-    def after_fit(self):
-        self._remove_hooks()
-        sh = _shared(self.learn)
-        sh.xb, sh.t_out, sh.ce_xb = None, {}, None  # keep the weights, metric and history; drop batch references
+__all__ = ['KDCallback', 'OTCallback', 'IPOTCallback', 'REMDCallback', 'ExactOTCallback', 'SinkhornCallback', 'FitNetCallback',
+           'RKDCallback', 'PKTCallback', 'ATCallback', 'SPCallback', 'CCCallback', 'dataset_labels', 'CRDCallback',
+           'classifier_weights', 'WKDLCallback', 'WKDFCallback', 'DistillCallback', 'strip_distill', 'synthetic_dls',
+           'TinyNet', 'SequentialWithParts', 'sample_batch', 'n_inputs', 'shared_state']
 
 # %% ../nbs/06_callbacks.ipynb #fd293a77
 class KDCallback(DistillCallback):
@@ -387,30 +73,32 @@ class OTCallback(DistillCallback):
         if all(tuple(a) == tuple(b) for a, b in zip(s_shapes, t_shapes)): return None
         return nn.ModuleList([connector_for(a, b) for a, b in zip(s_shapes, t_shapes)])
 
-    def ot_term(self, s_feats:list, t_feats:list)->Tensor:
-        "`self.ot(s_feats, t_feats)`, replayed from CUDA graphs of its forward and backward when graphing is on."
-        feats = [*s_feats, *t_feats]
-        on_cuda = feats[0].is_cuda
-        if self.graph and not on_cuda:
-            raise RuntimeError(f"{type(self).__name__}(graph=True) needs CUDA features, got {feats[0].device}; pass graph=None to graph only on CUDA.")
-        if self.graph is False or not on_cuda or self.ot.solver not in _CAPTURABLE or not torch.is_grad_enabled() \
-           or not any(f.requires_grad for f in s_feats):
-            return self.ot(s_feats, t_feats)
-        key = tuple((tuple(f.shape), f.dtype, f.device, f.requires_grad) for f in feats)
-        if key not in self._graphs:  # capture: 3 warm-up runs and the capture itself, once per input signature
-            if len(self._graphs) >= 4: self._graphs.pop(next(iter(self._graphs)))
-            L, ot = len(s_feats), self.ot
-            sample = tuple(f.detach().clone().requires_grad_(f.requires_grad) for f in feats)
-            with torch.autocast('cuda', enabled=False):  # the term runs in float32 anyway; capture refuses autocast's cache
-                self._graphs[key] = torch.cuda.make_graphed_callables(lambda *fs: ot(list(fs[:L]), list(fs[L:])), sample)
-        return self._graphs[key](*feats).clone()  # the graph's output buffer is overwritten by the next replay
-
     def compute(self, s_feats, t_feats, s_out, t_out):
         if self.extras is not None: s_feats = [c(f) for c, f in zip(self.extras, s_feats)]
         return self.ot_term(s_feats, t_feats)
 
     def __getstate__(self):  # CUDA graphs cannot be pickled (`learn.export`): they are captured again on first use
         return {**super().__getstate__(), '_graphs': {}}
+
+# %% ../nbs/06_callbacks.ipynb #b864ca65
+@patch
+def ot_term(self:OTCallback, s_feats:list, t_feats:list)->Tensor:
+    "`self.ot(s_feats, t_feats)`, replayed from CUDA graphs of its forward and backward when graphing is on."
+    feats = [*s_feats, *t_feats]
+    on_cuda = feats[0].is_cuda
+    if self.graph and not on_cuda:
+        raise RuntimeError(f"{type(self).__name__}(graph=True) needs CUDA features, got {feats[0].device}; pass graph=None to graph only on CUDA.")
+    if self.graph is False or not on_cuda or self.ot.solver not in _CAPTURABLE or not torch.is_grad_enabled() \
+       or not any(f.requires_grad for f in s_feats):
+        return self.ot(s_feats, t_feats)
+    key = tuple((tuple(f.shape), f.dtype, f.device, f.requires_grad) for f in feats)
+    if key not in self._graphs:  # capture: 3 warm-up runs and the capture itself, once per input signature
+        if len(self._graphs) >= 4: self._graphs.pop(next(iter(self._graphs)))
+        L, ot = len(s_feats), self.ot
+        sample = tuple(f.detach().clone().requires_grad_(f.requires_grad) for f in feats)
+        with torch.autocast('cuda', enabled=False):  # the term runs in float32 anyway; capture refuses autocast's cache
+            self._graphs[key] = torch.cuda.make_graphed_callables(lambda *fs: ot(list(fs[:L]), list(fs[L:])), sample)
+    return self._graphs[key](*feats).clone()  # the graph's output buffer is overwritten by the next replay
 
 # %% ../nbs/06_callbacks.ipynb #604ae9d4
 class IPOTCallback(OTCallback):
@@ -429,29 +117,28 @@ class IPOTCallback(OTCallback):
         triton:bool=False, # CUDA training: IPOT's whole loop as one Triton kernel (see `otkd_nb.ipot`; batches up to `TRITON_MAX`)
     ): super().__init__(teacher, weight, student_layers, teacher_layers, 'ipot', ce_weight, graph, beta=beta, n_iter=n_iter, compile=compile, triton=triton)
 
+# %% ../nbs/06_callbacks.ipynb #a098dcae
 class REMDCallback(OTCallback):
     "OT distillation by the relaxed EMD, a lower bound on exact OT."
     term = 'remd'
+    @delegates(OTCallback.__init__, but=['solver'])
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=1.0, # weight of the OT term (alpha in the paper)
-        student_layers:list|None=None, # student layer names; None: every stage but the stem, and the pooled vector
-        teacher_layers:list|None=None, # teacher layer names; None: the teacher's deepest layers, as many as the student's
-        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
-        graph:bool|None=None, # replay the term from CUDA graphs (see `OTCallback`); None: on CUDA when the solver allows
-    ): super().__init__(teacher, weight, student_layers, teacher_layers, 'remd', ce_weight, graph)
+        **kwargs, # `student_layers`, `teacher_layers`, `ce_weight`, `graph`: see `OTCallback`
+    ): super().__init__(teacher, weight, solver='remd', **kwargs)
 
 class ExactOTCallback(OTCallback):
     "OT distillation by exact OT (an assignment problem per layer, solved on the CPU)."
     term = 'exact_ot'
+    @delegates(OTCallback.__init__, but=['solver', 'graph'])
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=1.0, # weight of the OT term
-        student_layers:list|None=None, # student layer names; None: every stage but the stem, and the pooled vector
-        teacher_layers:list|None=None, # teacher layer names; None: the teacher's deepest layers, as many as the student's
-        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
-    ): super().__init__(teacher, weight, student_layers, teacher_layers, 'exact', ce_weight)
+        **kwargs, # `student_layers`, `teacher_layers`, `ce_weight`: see `OTCallback`
+    ): super().__init__(teacher, weight, solver='exact', **kwargs)
 
+# %% ../nbs/06_callbacks.ipynb #592a7774
 class SinkhornCallback(OTCallback):
     "OT distillation by entropic Sinkhorn, for comparison."
     term = 'sinkhorn'
@@ -476,31 +163,30 @@ def _last(model, role): return default_layers(model, role)[-1:]
 class FitNetCallback(DistillCallback):
     "FitNet hints: MSE between a regressed student feature and the teacher's, at the benchmark's hint layer."
     term = 'fitnet'
+    @delegates(DistillCallback.__init__)
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=100., # weight of the hint term (the benchmark's `-b 100`)
-        student_layers:list|None=None, # student layer names; None: the middle stage, the benchmark's hint layer
-        teacher_layers:list|None=None, # teacher layer names; None: its middle stage
-        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        **kwargs, # `student_layers`, `teacher_layers`, `ce_weight`: see `DistillCallback`
     ):
-        super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
+        super().__init__(teacher, weight, **kwargs)
     def layers_for(self, model, role): return default_layers(model, role)[2:3]
     def build(self, s_shapes, t_shapes): return FitNetLoss(s_shapes[0], t_shapes[0])
     def compute(self, s_feats, t_feats, s_out, t_out): return self.extras(s_feats[0], t_feats[0])
 
+# %% ../nbs/06_callbacks.ipynb #d9c24652
 class RKDCallback(DistillCallback):
     "Relational KD: distances and angles between the samples of a batch, on the penultimate features."
     term, min_batch = 'rkd', 2  # relations between the samples of a batch
+    @delegates(DistillCallback.__init__)
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=1., # weight of the RKD term (the benchmark's `-b 1`)
-        student_layers:list|None=None, # student layer names; None: the pooled penultimate vector
-        teacher_layers:list|None=None, # teacher layer names; None: the pooled penultimate vector
         w_dist:float=25., # weight of the distance-wise part (the authors' 25)
         w_angle:float=50., # weight of the angle-wise part (the authors' 50)
-        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        **kwargs, # `student_layers`, `teacher_layers`, `ce_weight`: see `DistillCallback`
     ):
-        super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
+        super().__init__(teacher, weight, **kwargs)
         self.loss = RKDLoss(w_dist, w_angle)
     def layers_for(self, model, role): return _last(model, role)
     def compute(self, s_feats, t_feats, s_out, t_out): return self.loss(s_feats[0], t_feats[0])
@@ -508,30 +194,29 @@ class RKDCallback(DistillCallback):
 class PKTCallback(DistillCallback):
     "Probabilistic knowledge transfer on the penultimate features."
     term, min_batch = 'pkt', 2  # relations between the samples of a batch
+    @delegates(DistillCallback.__init__)
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=30000., # weight of the PKT term (the benchmark's `-b 30000`)
-        student_layers:list|None=None, # student layer names; None: the pooled penultimate vector
-        teacher_layers:list|None=None, # teacher layer names; None: the pooled penultimate vector
-        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        **kwargs, # `student_layers`, `teacher_layers`, `ce_weight`: see `DistillCallback`
     ):
-        super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
+        super().__init__(teacher, weight, **kwargs)
         self.loss = PKTLoss()
     def layers_for(self, model, role): return _last(model, role)
     def compute(self, s_feats, t_feats, s_out, t_out): return self.loss(s_feats[0], t_feats[0])
 
+# %% ../nbs/06_callbacks.ipynb #f4571341
 class ATCallback(DistillCallback):
     "Attention transfer on every stage output (spatial attention maps)."
     term = 'at'
+    @delegates(DistillCallback.__init__)
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=1000., # weight of the AT term (the benchmark's `-b 1000`)
-        student_layers:list|None=None, # student layer names; None: every stage output
-        teacher_layers:list|None=None, # teacher layer names; None: every stage output
         p:float=2., # power of the attention map (the authors' 2)
-        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        **kwargs, # `student_layers`, `teacher_layers`, `ce_weight`: see `DistillCallback`
     ):
-        super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
+        super().__init__(teacher, weight, **kwargs)
         self.loss = ATLoss(p)
     def layers_for(self, model, role): return default_layers(model, role)[1:-1]
     def compute(self, s_feats, t_feats, s_out, t_out): return self.loss(s_feats, t_feats)
@@ -539,31 +224,30 @@ class ATCallback(DistillCallback):
 class SPCallback(DistillCallback):
     "Similarity-preserving KD on the last stage output."
     term, min_batch = 'sp', 2  # relations between the samples of a batch
+    @delegates(DistillCallback.__init__)
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=3000., # weight of the SP term (the benchmark's `-b 3000`)
-        student_layers:list|None=None, # student layer names; None: the last stage output
-        teacher_layers:list|None=None, # teacher layer names; None: the last stage output
-        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        **kwargs, # `student_layers`, `teacher_layers`, `ce_weight`: see `DistillCallback`
     ):
-        super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
+        super().__init__(teacher, weight, **kwargs)
         self.loss = SPLoss()
     def layers_for(self, model, role): return default_layers(model, role)[-2:-1]
     def compute(self, s_feats, t_feats, s_out, t_out): return self.loss(s_feats, t_feats)
 
+# %% ../nbs/06_callbacks.ipynb #706cd50c
 class CCCallback(DistillCallback):
     "Correlation congruence on embedded penultimate features (the CRD benchmark's form and weight)."
     term, min_batch = 'cc', 2  # relations between the samples of a batch
+    @delegates(DistillCallback.__init__)
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=0.02, # weight of the CC term (the benchmark's `-b 0.02`)
-        student_layers:list|None=None, # student layer names; None: the pooled penultimate vector
-        teacher_layers:list|None=None, # teacher layer names; None: the pooled penultimate vector
         feat_dim:int=128, # size of the embeddings
         form:str='crd', # 'crd': the CRD benchmark's simplified loss; 'taylor': the CC paper's kernel
-        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        **kwargs, # `student_layers`, `teacher_layers`, `ce_weight`: see `DistillCallback`
     ):
-        super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
+        super().__init__(teacher, weight, **kwargs)
         self.feat_dim, self.form = feat_dim, form
     def layers_for(self, model, role): return _last(model, role)
     def build(self, s_shapes, t_shapes):
@@ -585,20 +269,19 @@ def dataset_labels(
 class CRDCallback(DistillCallback):
     "Contrastive representation distillation on the penultimate features; batches must carry the dataset index."
     term, run_valid = 'crd', True
+    @delegates(DistillCallback.__init__)
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=0.8, # weight of the CRD term (the benchmark's `-b 0.8`)
-        student_layers:list|None=None, # student layer; None: the pooled penultimate feature
-        teacher_layers:list|None=None, # teacher layer; None: the pooled penultimate feature
         n_data:int|None=None, # rows of the memory bank; None: the size of the training set
         feat_dim:int=128, # size of the embeddings (the benchmark's `--feat_dim`)
         n_neg:int=16384, # negatives per anchor (`--nce_k`)
         T:float=0.07, # temperature of the scores (`--nce_t`)
         momentum:float=0.5, # momentum of the memory update (`--nce_m`)
         negatives:str='class', # 'class': from the other classes' samples (the benchmark's `mode='exact'`); 'uniform': over the whole training set
-        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        **kwargs, # `student_layers`, `teacher_layers`, `ce_weight`: see `DistillCallback`
     ):
-        super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
+        super().__init__(teacher, weight, **kwargs)
         if negatives not in ('class', 'uniform'): raise ValueError(f"negatives must be 'class' or 'uniform', not {negatives!r}.")
         store_attr('n_data,feat_dim,n_neg,T,momentum,negatives')
         self.idx = None
@@ -608,32 +291,45 @@ class CRDCallback(DistillCallback):
         "Inputs come first, then the label and the index: all but the last two, unless the dataset says its `n_inp`."
         n = getattr(getattr(self.learn.dls.train, 'dataset', None), 'n_inp', None)
         return n if n is not None else max(len(b) - 2, 1)
-    def build(self, s_shapes, t_shapes):
-        ds = self.learn.dls.train.dataset
-        n, labels = self.n_data or len(ds), None
-        if self.negatives == 'class':
-            labels = dataset_labels(ds)
-            if labels is None or labels.shape[0] != n:
-                warnings.warn(f"CRDCallback: the labels of the training set are unknown (its dataset has no `y`, `targets` or label tensor), "
-                              "so the negatives are drawn uniformly over it, not from the other classes; pass negatives='uniform' to say so.")
-                labels = None
-        return CRDLoss(math.prod(s_shapes[0]), math.prod(t_shapes[0]), n, self.feat_dim, self.n_neg, self.T, self.momentum, labels=labels)
-    def before_fit(self):
-        b = sample_batch(self.learn.dls.train, 2, self._device())
-        if len(b) < self._n_inp(b) + 2: self._no_index()
-        super().before_fit()
-    def _no_index(self):
-        raise ValueError("CRDCallback needs each sample's dataset index: batches must be `(x, y, idx)`; "
-                         "build the DataLoaders with `with_index=True` (see `otkd_nb.data`).")
-    def before_batch(self):
-        "Take the index out of the batch (training and validation), so that the model and the loss see `(x, y)`."
-        b = (*self.learn.xb, *self.learn.yb)
-        n = self._n_inp(b)
-        if len(b) < n + 2: self._no_index()
-        self.learn.xb, self.learn.yb, self.idx = b[:n], b[n:-1], b[-1]
-    def after_loss(self):
-        if self.training: super().after_loss()
-    def compute(self, s_feats, t_feats, s_out, t_out): return self.extras(s_feats[0], t_feats[0], self.idx)
+
+# %% ../nbs/06_callbacks.ipynb #78a4a37e
+@patch
+def build(self:CRDCallback, s_shapes, t_shapes):
+    ds = self.learn.dls.train.dataset
+    n, labels = self.n_data or len(ds), None
+    if self.negatives == 'class':
+        labels = dataset_labels(ds)
+        if labels is None or labels.shape[0] != n:
+            warnings.warn(f"CRDCallback: the labels of the training set are unknown (its dataset has no `y`, `targets` or label tensor), "
+                          "so the negatives are drawn uniformly over it, not from the other classes; pass negatives='uniform' to say so.")
+            labels = None
+    return CRDLoss(math.prod(s_shapes[0]), math.prod(t_shapes[0]), n, self.feat_dim, self.n_neg, self.T, self.momentum, labels=labels)
+
+@patch
+def before_fit(self:CRDCallback):
+    b = sample_batch(self.learn.dls.train, 2, self._device())
+    if len(b) < self._n_inp(b) + 2: self._no_index()
+    super(CRDCallback, self).before_fit()
+
+@patch
+def _no_index(self:CRDCallback):
+    raise ValueError("CRDCallback needs each sample's dataset index: batches must be `(x, y, idx)`; "
+                     "build the DataLoaders with `with_index=True` (see `otkd_nb.data`).")
+
+@patch
+def before_batch(self:CRDCallback):
+    "Take the index out of the batch (training and validation), so that the model and the loss see `(x, y)`."
+    b = (*self.learn.xb, *self.learn.yb)
+    n = self._n_inp(b)
+    if len(b) < n + 2: self._no_index()
+    self.learn.xb, self.learn.yb, self.idx = b[:n], b[n:-1], b[-1]
+
+@patch
+def after_loss(self:CRDCallback):
+    if self.training: super(CRDCallback, self).after_loss()
+
+@patch
+def compute(self:CRDCallback, s_feats, t_feats, s_out, t_out): return self.extras(s_feats[0], t_feats[0], self.idx)
 
 # %% ../nbs/06_callbacks.ipynb #b149cda9
 def classifier_weights(
@@ -648,6 +344,7 @@ def classifier_weights(
         raise ValueError(f"The last linear layer of {type(model).__name__} has {W.shape[0]} outputs, the logits {n_classes} classes; pass a `cost=`.")
     return W
 
+# %% ../nbs/06_callbacks.ipynb #56538013
 class WKDLCallback(DistillCallback):
     "WKD-L: the Wasserstein distance between the teacher's and the student's softened class distributions, per sample."
     uses_features, term = False, 'wkdl'
@@ -676,20 +373,20 @@ class WKDLCallback(DistillCallback):
         target = wkd_target_loss(s_out, t_out, y) / self.weight if self.weight else 0.  # weight 1 in the WKD code, whatever `weight`
         return loss(s_out, t_out, y) + target
 
+# %% ../nbs/06_callbacks.ipynb #449941eb
 class WKDFCallback(DistillCallback):
     "WKD-F: the 2-Wasserstein distance between per-sample Gaussians of student and teacher feature maps (last stage by default)."
     term = 'wkdf'
+    @delegates(DistillCallback.__init__)
     def __init__(self,
         teacher:nn.Module, # the teacher model
         weight:float=0.08, # weight of the term (the WKD code's 0.08 for resnet32x4 -> resnet8x4)
-        student_layers:list|None=None, # student layer of feature maps; None: the last stage output
-        teacher_layers:list|None=None, # teacher layer; None: the last stage output
         cov:str='diag', # 'diag' (the WKD code) or 'full'
         mean_weight:float=4., # weight of the means' part against the covariances' (the WKD code's `MEAN_COV_RATIO` 4)
         eps:float=1e-5, # added to the variances (the WKD code's 1e-5)
-        ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
+        **kwargs, # `student_layers`, `teacher_layers`, `ce_weight`: see `DistillCallback`
     ):
-        super().__init__(teacher, weight, student_layers, teacher_layers, ce_weight)
+        super().__init__(teacher, weight, **kwargs)
         self.loss = GaussianWassersteinLoss(cov=cov, eps=eps, mean_weight=mean_weight)
     def layers_for(self, model, role): return default_layers(model, role)[-2:-1]
     def build(self, s_shapes, t_shapes):
@@ -701,38 +398,3 @@ class WKDFCallback(DistillCallback):
     def compute(self, s_feats, t_feats, s_out, t_out):
         s = s_feats[0] if self.extras is None else self.extras(s_feats[0])
         return self.loss(s, t_feats[0])
-
-# %% ../nbs/06_callbacks.ipynb #754e8319
-from fastai.data.core import DataLoaders
-from torch.utils.data import TensorDataset
-
-def synthetic_dls(
-    n_train:int=1024, # training images
-    n_valid:int=256, # validation images
-    bs:int=64, # batch size
-    seed:int=0, # seed of the prototypes and the noise
-    noise:float=1.5, # noise added to each image's class prototype
-    with_index:bool=False, # batches `(x, y, idx)` with each sample's index (for CRD)
-)->DataLoaders:
-    "A synthetic 10-class task of 3x8x8 images (class prototype plus noise), to try the callbacks without data."
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.randn(10, 3, 8, 8, generator=g)
-    def make(n):
-        y = torch.randint(0, 10, (n,), generator=g)
-        x = protos[y] + noise * torch.randn(n, 3, 8, 8, generator=g)
-        ds = TensorDataset(x, y, torch.arange(n)) if with_index else TensorDataset(x, y)
-        ds.n_inp = 1  # one input; the rest (label, index) goes to `learn.yb`
-        return ds
-    return DataLoaders.from_dsets(make(n_train), make(n_valid), bs=bs, shuffle=True)
-
-class TinyNet(nn.Module):
-    "A small CNN with named stages and a `feature_layers` attribute, for `synthetic_dls`."
-    feature_layers = ['stem', 'layer1', 'layer2', 'pool']
-    def __init__(self, w:int=16, n_classes:int=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
-        self.layer1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU())
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(2 * w, n_classes)
-    def forward(self, x): return self.fc(self.pool(self.layer2(self.layer1(self.stem(x)))))

@@ -67,10 +67,10 @@ def plot_loss_terms(
     title:str='loss terms per training batch', # axes title
 ):
     "Plot the task loss and each distillation term per training batch; returns the axes."
-    from otkd_nb.callbacks import DistillCallback
+    from otkd_nb.distill import DistillCallback, shared_state
     curves = {}
-    sh = learn.__dict__.get('_distill_shared')
-    if sh is not None and sh.history: curves['ce (task loss)'] = sh.history
+    sh = shared_state(learn)
+    if sh.history: curves['ce (task loss)'] = sh.history
     for cb in learn.cbs:
         if isinstance(cb, DistillCallback) and cb.history: curves[f'{cb.term} (weight {cb.weight:g})'] = cb.history
     if not curves: raise ValueError("No loss terms recorded: fit the Learner with distillation callbacks first.")

@@ -8,7 +8,7 @@ from fastai.metrics import accuracy
 from fastai.callback.tracker import SaveModelCallback
 from fastai.torch_core import set_seed
 from otkd_nb.callbacks import *
-from otkd_nb.callbacks import _CleanupOnError
+from otkd_nb.distill import CleanupOnError
 from otkd_nb.features import FeatureHooks
 
 @pytest.fixture(scope='module')
