@@ -15,22 +15,38 @@ from .cost import cosine_cost
 from .exact import exact_ot
 from .remd import remd, cosine_remd
 from .ipot import ipot, sinkhorn
+_all_ = ['CRDLoss', 'class_index', 'other_class_negatives']
 
 # %% auto #0
-__all__ = ['OT_SOLVERS', 'KDLoss', 'OTLoss', 'hint_regressor', 'FitNetLoss', 'RKDLoss', 'PKTLoss', 'attention_map', 'ATLoss',
-           'SPLoss', 'CCLoss', 'class_index', 'other_class_negatives', 'CRDLoss']
+__all__ = ['OT_SOLVERS', 'as_list', 'feature_pairs', 'one_pair', 'as_float32', 'no_autocast', 'KDLoss', 'OTLoss',
+           'hint_regressor', 'FitNetLoss', 'RKDLoss', 'PKTLoss', 'attention_map', 'ATLoss', 'SPLoss', 'CCLoss',
+           'CRDLoss', 'class_index', 'other_class_negatives']
+
+# %% ../nbs/04_losses.ipynb #a6ed41a1
+def __getattr__(name:str):
+    "`CRDLoss`, `class_index` and `other_class_negatives` live in `otkd_nb.crd`; they are handed out here too."
+    if name in ('CRDLoss', 'class_index', 'other_class_negatives'):
+        from otkd_nb import crd
+        return getattr(crd, name)
+    raise AttributeError(f"module 'otkd_nb.losses' has no attribute {name!r}")
 
 # %% ../nbs/04_losses.ipynb #a61cc5b0
-def _as_list(feats, name:str)->list:
+def as_list(
+    feats, # a tensor, or a list or tuple of tensors (one per layer)
+    name:str, # the argument's name, for the error
+)->list:
     "A tensor or a non-empty list/tuple of tensors, as a list."
     if isinstance(feats, Tensor): return [feats]
     if isinstance(feats, (list, tuple)) and len(feats) and all(isinstance(f, Tensor) for f in feats): return list(feats)
     raise TypeError(f"`{name}` must be a tensor or a non-empty list of tensors (one per layer), got {type(feats).__name__}.")
 
 # %% ../nbs/04_losses.ipynb #c97b72cf
-def _pairs(student, teacher)->list:
+def feature_pairs(
+    student, # the student's features: a tensor or a list (one per layer)
+    teacher, # the teacher's, as many
+)->list:
     "Pair student and teacher layers, checking that the number of layers and the batch sizes match."
-    s, t = _as_list(student, 'student_feats'), _as_list(teacher, 'teacher_feats')
+    s, t = as_list(student, 'student_feats'), as_list(teacher, 'teacher_feats')
     if len(s) != len(t):
         raise ValueError(f"Got {len(s)} student layers and {len(t)} teacher layers; pass one teacher feature per student feature.")
     for l, (x, y) in enumerate(zip(s, t)):
@@ -41,19 +57,28 @@ def _pairs(student, teacher)->list:
                              f"{tuple(y.shape)} differ; both must see the same mini-batch.")
     return list(zip(s, t))
 
-def _one_pair(student, teacher, who:str)->tuple:
+def one_pair(
+    student:Tensor, # the student's features of one layer
+    teacher:Tensor, # the teacher's
+    who:str, # the loss's name, for the error
+)->tuple:
     "The single `(student, teacher)` pair of a loss that compares one layer."
     if not isinstance(student, Tensor) or not isinstance(teacher, Tensor):
         raise TypeError(f"{who} compares one layer: pass two tensors, got {type(student).__name__} and {type(teacher).__name__}.")
-    return _pairs(student, teacher)[0]
+    return feature_pairs(student, teacher)[0]
 
 # %% ../nbs/04_losses.ipynb #72537480
-def _f32(x:Tensor, flat:bool=False)->Tensor:
+def as_float32(
+    x:Tensor, # features
+    flat:bool=False, # reshape to `(b, d)`
+)->Tensor:
     "`x` in float32 or wider; with `flat`, reshaped to `(b, d)`."
     if flat: x = x.reshape(x.shape[0], -1)
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
-def _no_autocast(x:Tensor):
+def no_autocast(
+    x:Tensor, # a tensor on the device concerned
+):
     "A context that switches autocast off on `x`'s device."
     return torch.autocast(x.device.type, enabled=False)
 
@@ -75,9 +100,9 @@ class KDLoss(nn.Module):
         if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
             raise ValueError(f"Logits must both be `(b, k)` with the same shape, got student {tuple(student_logits.shape)} "
                              f"and teacher {tuple(teacher_logits.shape)}.")
-        with _no_autocast(student_logits):
-            ls = F.log_softmax(_f32(student_logits) / self.T, dim=1)
-            lt = F.log_softmax(_f32(teacher_logits.detach()) / self.T, dim=1)
+        with no_autocast(student_logits):
+            ls = F.log_softmax(as_float32(student_logits) / self.T, dim=1)
+            lt = F.log_softmax(as_float32(teacher_logits.detach()) / self.T, dim=1)
             return F.kl_div(ls, lt, reduction='batchmean', log_target=True) * self.T ** 2
 
 # %% ../nbs/04_losses.ipynb #4a16734f
@@ -103,7 +128,7 @@ class OTLoss(nn.Module):
 
     def _per_layer(self, f, student_feats, teacher_feats)->list:
         "`f(x, y)` for each layer, on the student's features and the teacher's (detached) as `(b, d)` matrices."
-        pairs = _pairs(student_feats, teacher_feats)
+        pairs = feature_pairs(student_feats, teacher_feats)
         bs = sorted({x.shape[0] for x, _ in pairs})
         if len(bs) > 1: raise ValueError(f"All layers must have the same batch size, got {bs}.")
         outs = [f(x.reshape(x.shape[0], -1), y.detach().reshape(y.shape[0], -1)) for x, y in pairs]
@@ -184,7 +209,7 @@ class FitNetLoss(nn.Module):
         if r.shape != teacher_hint.shape:
             raise ValueError(f"The regressor maps the student hint {tuple(student_hint.shape)} to {tuple(r.shape)}, "
                              f"but the teacher hint is {tuple(teacher_hint.shape)}.")
-        with _no_autocast(r): return F.mse_loss(_f32(r), _f32(teacher_hint.detach()))
+        with no_autocast(r): return F.mse_loss(as_float32(r), as_float32(teacher_hint.detach()))
 
 # %% ../nbs/04_losses.ipynb #b45b0726
 def _relations(f:Tensor, eps:float=1e-12)->tuple:
@@ -213,11 +238,11 @@ class RKDLoss(nn.Module):
         teacher_feats:Tensor, # `(b, ...)` teacher features, any width (detached here)
     )->Tensor: # scalar
         "`w_dist` times the distance loss plus `w_angle` times the angle loss."
-        s, t = _one_pair(student_feats, teacher_feats, 'RKDLoss')
+        s, t = one_pair(student_feats, teacher_feats, 'RKDLoss')
         if s.shape[0] < 2: raise ValueError(f"RKD needs a batch of at least 2 samples, got {s.shape[0]}.")
-        with _no_autocast(s):
-            with torch.no_grad(): dt, at = _relations(_f32(t.detach(), True), self.eps)
-            ds, as_ = _relations(_f32(s, True), self.eps)
+        with no_autocast(s):
+            with torch.no_grad(): dt, at = _relations(as_float32(t.detach(), True), self.eps)
+            ds, as_ = _relations(as_float32(s, True), self.eps)
             return self.w_dist * F.smooth_l1_loss(ds, dt) + self.w_angle * F.smooth_l1_loss(as_, at)
 
 # %% ../nbs/04_losses.ipynb #d42eb7ae
@@ -241,9 +266,9 @@ class PKTLoss(nn.Module):
         teacher_feats:Tensor, # `(b, ...)` teacher features, any width (detached here)
     )->Tensor: # scalar
         "Mean over the `b*b` pairs of `p_t * log((p_t + eps) / (p_s + eps))`."
-        s, t = _one_pair(student_feats, teacher_feats, 'PKTLoss')
-        with _no_autocast(s):
-            ps, pt = _pkt_probs(_f32(s, True), self.eps), _pkt_probs(_f32(t.detach(), True), self.eps)
+        s, t = one_pair(student_feats, teacher_feats, 'PKTLoss')
+        with no_autocast(s):
+            ps, pt = _pkt_probs(as_float32(s, True), self.eps), _pkt_probs(as_float32(t.detach(), True), self.eps)
             return (pt * torch.log((pt + self.eps) / (ps + self.eps))).mean()
 
 # %% ../nbs/04_losses.ipynb #ec5d154d
@@ -271,11 +296,11 @@ class ATLoss(nn.Module):
     )->Tensor: # scalar: the sum over layer pairs
         "Sum over layer pairs of the mean squared difference of attention maps."
         loss = 0.
-        for l, (s, t) in enumerate(_pairs(student_feats, teacher_feats)):
+        for l, (s, t) in enumerate(feature_pairs(student_feats, teacher_feats)):
             if s.ndim != 4 or t.ndim != 4:
                 raise ValueError(f"Layer {l}: attention transfer needs `(b, c, h, w)` maps, got {tuple(s.shape)} and {tuple(t.shape)}.")
-            with _no_autocast(s):
-                s, t = _f32(s), _f32(t.detach())
+            with no_autocast(s):
+                s, t = as_float32(s), as_float32(t.detach())
                 hw = min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3])
                 if s.shape[2:] != hw: s = F.adaptive_avg_pool2d(s, hw)
                 if t.shape[2:] != hw: t = F.adaptive_avg_pool2d(t, hw)
@@ -297,9 +322,9 @@ class SPLoss(nn.Module):
     )->Tensor: # scalar: the sum over layers
         "Sum over layers of `|G_t - G_s|_F**2 / b**2`."
         loss = 0.
-        for s, t in _pairs(student_feats, teacher_feats):
-            with _no_autocast(s):
-                s, t = _f32(s, True), _f32(t.detach(), True)
+        for s, t in feature_pairs(student_feats, teacher_feats):
+            with no_autocast(s):
+                s, t = as_float32(s, True), as_float32(t.detach(), True)
                 Gs, Gt = F.normalize(s @ s.T, dim=1, eps=self.eps), F.normalize(t @ t.T, dim=1, eps=self.eps)
                 loss = loss + (Gt - Gs).pow(2).sum() / s.shape[0] ** 2
         return loss
@@ -336,173 +361,13 @@ class CCLoss(nn.Module):
         teacher_feats:Tensor, # `(b, ...)` teacher features (detached here)
     )->Tensor: # scalar
         "CC loss between the embedded features."
-        s, t = _one_pair(student_feats, teacher_feats, 'CCLoss')
+        s, t = one_pair(student_feats, teacher_feats, 'CCLoss')
         es, et = self.embed_s(s.reshape(s.shape[0], -1)), self.embed_t(t.detach().reshape(t.shape[0], -1))
-        with _no_autocast(es):
-            es, et = _f32(es), _f32(et)
+        with no_autocast(es):
+            es, et = as_float32(es), as_float32(et)
             if self.form == 'taylor': return F.mse_loss(self.kernel(es), self.kernel(et))
             if es.shape != et.shape:
                 raise ValueError(f"form='crd' compares embeddings elementwise: got {tuple(es.shape)} and {tuple(et.shape)}.")
             if es.shape[0] < 2: raise ValueError("form='crd' needs a batch of at least 2 samples.")
             d = (es - et).abs()
             return (d[:-1] * d[1:]).sum(1).mean()
-
-# %% ../nbs/04_losses.ipynb #39bc8d92
-def class_index(
-    labels:Tensor, # `(n,)` the class of each sample
-    n_classes:int|None=None, # the number of classes; None: `labels.max() + 1`
-)->tuple: # `(order, start, count)`: indices sorted by class, where each class starts in `order`, its size
-    "Group a dataset's indices by class, for drawing among the samples of given classes."
-    labels = torch.as_tensor(labels).long().reshape(-1)
-    count = torch.bincount(labels, minlength=n_classes or 0)
-    return labels.argsort(stable=True), count.cumsum(0) - count, count
-
-def other_class_negatives(
-    anchors:Tensor, # `(b,)` the anchors' classes
-    order:Tensor, # `(n,)` dataset indices sorted by class (`class_index`)
-    start:Tensor, # `(c,)` where each class starts in `order`
-    count:Tensor, # `(c,)` the size of each class
-    k:int, # negatives per anchor
-    generator:torch.Generator|None=None, # random source, on `order`'s device
-)->Tensor: # `(b, k)` dataset indices
-    "`k` negatives per anchor, drawn with replacement uniformly from the samples whose class differs from the anchor's."
-    s, c = start[anchors][:, None], count[anchors][:, None]
-    u = torch.rand(anchors.shape[0], k, generator=generator, device=order.device, dtype=torch.float64)
-    r = (u * (order.shape[0] - c)).long()  # a position among the n - c samples of the other classes
-    return order[torch.where(r >= s, r + c, r)]  # skip the anchor's own block
-
-# %% ../nbs/04_losses.ipynb #18a990dd
-def _dist():
-    import torch.distributed as dist
-    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
-
-def _rank()->int: return _dist().get_rank() if _dist() else 0
-
-def _global_mean(x:Tensor)->Tensor:
-    "The mean of `x` over every process's `x` (just `x.mean()` outside distributed runs)."
-    dist = _dist()
-    if dist is None: return x.mean()
-    s = torch.stack([x.sum(), torch.tensor(x.numel(), dtype=x.dtype, device=x.device)])
-    dist.all_reduce(s)
-    return s[0] / s[1]
-
-def _gather_rows(
-    idx:Tensor, # `(b,)` this process's dataset indices
-    v:Tensor, # `(b, d)` their rows
-)->tuple: # `(idx, v)` over all processes, each index once (its last row)
-    "Every process's `(idx, v)`, concatenated in rank order, batches of any sizes; no gradient."
-    dist = _dist()
-    if dist is None: return idx, v
-    n = dist.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.long, device=idx.device) for _ in range(n)]
-    dist.all_gather(sizes, torch.tensor([idx.shape[0]], device=idx.device))
-    sizes = [int(s) for s in sizes]; m = max(sizes)
-    pad = lambda t: torch.cat([t, t.new_zeros(m - t.shape[0], *t.shape[1:])])
-    gi, gv = [idx.new_empty(m) for _ in range(n)], [v.new_empty(m, v.shape[1]) for _ in range(n)]
-    dist.all_gather(gi, pad(idx)); dist.all_gather(gv, pad(v.contiguous()))
-    idx, v = torch.cat([g[:k] for g, k in zip(gi, sizes)]), torch.cat([g[:k] for g, k in zip(gv, sizes)])
-    u, inv = torch.unique(idx, return_inverse=True)
-    last = torch.full_like(u, -1).scatter_reduce(0, inv, torch.arange(idx.shape[0], device=idx.device), 'amax')
-    return idx[last], v[last]
-
-# %% ../nbs/04_losses.ipynb #e8fb6249
-class CRDLoss(nn.Module):
-    "Contrastive representation distillation: NCE against a momentum memory bank of both networks' embeddings."
-    def __init__(self,
-        s_dim:int, # student feature size (penultimate features)
-        t_dim:int, # teacher feature size
-        n_data:int, # number of samples in the training set (rows of the memory bank)
-        feat_dim:int=128, # embedding size
-        n_neg:int=16384, # negatives per positive
-        T:float=0.07, # temperature of the scores
-        momentum:float=0.5, # momentum of the memory update
-        eps:float=1e-7, # added in the NCE logarithms' denominators
-        labels:Tensor|None=None, # `(n_data,)` the class of each sample: negatives from the other classes; None: uniform over the dataset
-    ):
-        super().__init__()
-        if n_data < 1 or n_neg < 1: raise ValueError(f"`n_data` and `n_neg` must be >= 1, got {n_data} and {n_neg}.")
-        store_attr('n_data,feat_dim,n_neg,T,momentum,eps')
-        self.embed_s, self.embed_t = nn.Linear(s_dim, feat_dim), nn.Linear(t_dim, feat_dim)
-        std = 1 / math.sqrt(feat_dim / 3)
-        self.register_buffer('memory_s', torch.rand(n_data, feat_dim) * 2 * std - std)
-        self.register_buffer('memory_t', torch.rand(n_data, feat_dim) * 2 * std - std)
-        self.register_buffer('Z_s', torch.tensor(-1.))  # normalisers, set on the first batch
-        self.register_buffer('Z_t', torch.tensor(-1.))
-        if labels is None: self.labels = None
-        else:
-            labels = torch.as_tensor(labels).long().reshape(-1)
-            if labels.shape[0] != n_data: raise ValueError(f"`labels` must give the class of each of the {n_data} samples, got {labels.shape[0]}.")
-            if labels.unique().numel() < 2: raise ValueError("`labels` holds a single class: CRD draws negatives from the other classes; pass labels=None for uniform negatives.")
-            for k, v in zip(('labels', 'order', 'start', 'count'), (labels, *class_index(labels))):
-                self.register_buffer(k, v, persistent=False)  # derived from the dataset, not learned: not in the state dict
-
-    def embed(self,
-        f_s:Tensor, # `(b, ...)` student features
-        f_t:Tensor, # `(b, ...)` teacher features (detached here)
-    )->tuple: # `(v_s, v_t)`, each `(b, feat_dim)` of unit length, float32
-        "The L2-normalised linear embeddings of both networks' features."
-        v_s, v_t = self.embed_s(f_s.reshape(f_s.shape[0], -1)), self.embed_t(f_t.detach().reshape(f_t.shape[0], -1))
-        with _no_autocast(v_s): return F.normalize(_f32(v_s), dim=1), F.normalize(_f32(v_t), dim=1)
-
-    def _nce(self, h:Tensor)->Tensor:
-        "NCE loss of scores `h` `(b, 1+K)`, positive first, against the uniform noise `1/n_data`."
-        mPn = (h.shape[1] - 1) / self.n_data
-        return -(torch.log(h[:, 0] / (h[:, 0] + mPn + self.eps)).sum()
-                 + torch.log(mPn / (h[:, 1:] + mPn + self.eps)).sum()) / h.shape[0]
-
-    def forward(self,
-        f_s:Tensor, # `(b, s_dim)` student features
-        f_t:Tensor, # `(b, t_dim)` teacher features (detached here)
-        idx:Tensor, # `(b,)` dataset indices of the batch's samples
-        contrast_idx:Tensor|None=None, # `(b, n_neg)` indices of the negatives; None: drawn by `negatives`
-    )->Tensor: # scalar
-        "NCE loss of both anchors; in training mode, also updates the memory bank at `idx`."
-        f_s, f_t = _one_pair(f_s, f_t, 'CRDLoss')
-        b = f_s.shape[0]
-        idx = torch.as_tensor(idx, device=self.memory_s.device).long().reshape(-1)
-        if idx.shape[0] != b: raise ValueError(f"`idx` must have one index per sample ({b}), got shape {tuple(idx.shape)}.")
-        if contrast_idx is None: contrast_idx = self.negatives(idx)
-        contrast_idx = torch.as_tensor(contrast_idx, device=idx.device).long()
-        if contrast_idx.shape != (b, self.n_neg):
-            raise ValueError(f"`contrast_idx` must be `(b, n_neg)` = {(b, self.n_neg)}, got {tuple(contrast_idx.shape)} "
-                             f"(with the benchmark's sampler, drop its first column: `contrast_idx[:, 1:]`).")
-        v_s, v_t = self.embed(f_s, f_t)
-        with _no_autocast(v_s):
-            all_idx = torch.cat([idx[:, None], contrast_idx], 1)
-            h_s = torch.exp(torch.bmm(self.memory_t[all_idx], v_s[:, :, None]).squeeze(-1) / self.T)  # student anchors
-            h_t = torch.exp(torch.bmm(self.memory_s[all_idx], v_t[:, :, None]).squeeze(-1) / self.T)  # teacher anchors
-            with torch.no_grad():
-                m_s, m_t = _global_mean(h_s), _global_mean(h_t)
-                self.Z_s.copy_(torch.where(self.Z_s < 0, m_s * self.n_data, self.Z_s))
-                self.Z_t.copy_(torch.where(self.Z_t < 0, m_t * self.n_data, self.Z_t))
-            loss = self._nce(h_s / self.Z_s) + self._nce(h_t / self.Z_t)
-            if self.training:
-                with torch.no_grad(): self.update_memory(idx, v_s, v_t)
-            return loss
-
-    def negatives(self,
-        idx:Tensor, # `(b,)` dataset indices of the anchors
-    )->Tensor: # `(b, n_neg)`
-        "Negatives of the anchors `idx`: from the other classes when `labels` are known, else uniform over the dataset."
-        g = self._generator(idx.device)
-        if self.labels is None: return torch.randint(0, self.n_data, (idx.shape[0], self.n_neg), device=idx.device, generator=g)
-        return other_class_negatives(self.labels[idx], self.order, self.start, self.count, self.n_neg, g)
-
-    def _generator(self, device):
-        "A random source of its own, so that drawing negatives leaves the global one (augmentation, shuffling) alone."
-        g = self.__dict__.get('_gen')
-        if g is None or g.device != device:
-            g = self.__dict__['_gen'] = torch.Generator(device).manual_seed(torch.initial_seed() + _rank())
-        return g
-
-    def update_memory(self,
-        idx:Tensor, # `(b,)` dataset indices of this process's batch
-        v_s:Tensor, # `(b, feat_dim)` student embeddings
-        v_t:Tensor, # `(b, feat_dim)` teacher embeddings
-    ):
-        "Momentum update of both banks at the global batch's indices (every process's, so all processes keep the same banks)."
-        idx, v = _gather_rows(idx, torch.cat([v_s, v_t], 1).detach())
-        for M, v in ((self.memory_s, v[:, :self.feat_dim]), (self.memory_t, v[:, self.feat_dim:])):
-            M.index_copy_(0, idx, F.normalize(self.momentum * M[idx] + (1 - self.momentum) * v, dim=1))
-
-    def __getstate__(self): return {**self.__dict__, '_gen': None}  # a generator is recreated on first use
