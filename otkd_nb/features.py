@@ -11,7 +11,7 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['module_names', 'get_module', 'layer_layouts', 'as_feature', 'FeatureHooks', 'register_layers', 'default_layers',
-           'find_feature_layers', 'connector_for', 'Connector']
+           'find_feature_layers', 'connector_for']
 
 # %% ../nbs/05_features.ipynb #fb389fb1
 def module_names(model:nn.Module)->list:
@@ -254,17 +254,3 @@ def connector_for(
         return nn.Sequential(*layers)
     raise ValueError(f"Cannot connect a student feature of shape {s_shape} to a teacher feature of shape {t_shape}: "
                      "both must be feature maps (c, h, w) or both vectors (d,).")
-
-# %% ../nbs/05_features.ipynb #9570ca9a
-class Connector(nn.Module):
-    "Maps a student feature to the teacher's shape; built from the first shapes it sees (see `connector_for`)."
-    def __init__(self): super().__init__(); self.body = None
-    def build(self, s_shape, t_shape):
-        "Create the mapping for these shapes (without the batch dimension), if not built yet."
-        if self.body is None: self.body = connector_for(s_shape, t_shape)
-        return self
-    def forward(self, s:Tensor, t:Tensor|None=None)->Tensor:
-        if self.body is None:
-            if t is None: raise RuntimeError("Connector is not built: call `build(s_shape, t_shape)` or pass the teacher feature once.")
-            self.build(s.shape[1:], t.shape[1:]).to(s.device)
-        return self.body(s)
