@@ -77,9 +77,7 @@ def read_safetensors(
 )->dict: # name -> tensor, on the CPU
     "The tensors of a safetensors file: plain data, so no code can run from it."
     from safetensors.torch import load_file
-    from otkd_nb.models import CheckpointError
-    try: return load_file(str(path), device='cpu')
-    except Exception as e: raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}).") from None
+    return load_file(str(path), device='cpu')
 
 def _write_atomic(path:Path, data:bytes):
     "Write `data` to a temporary file beside `path`, then rename it: the file is whole or absent."
