@@ -10,7 +10,7 @@ import io, json, math, re
 from pathlib import Path
 import numpy as np, pandas as pd
 from scipy import stats
-from .train import read_json, write_json, write_atomic, log_rows, time_seconds
+from .runs import read_json, write_json, write_atomic, log_rows, time_seconds
 
 # %% auto #0
 __all__ = ['OT_ROWS', 'paired', 'holm', 'comparisons', 'verdict', 'load_records', 'tuning_choices', 'summary', 'grad_norm_table',

@@ -17,8 +17,10 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 from .models import feature_layers, get_model, load_teacher, model_name
 from .callbacks import DistillCallback
-from .train import (RECIPES, train_teacher, fit_run, distill, canonical_method, parse_method, method_callbacks, get_dls,
-                    write_atomic, write_json, read_json, log_rows, time_seconds, threads_arg, fit_or_reuse)
+from .train import RECIPES, canonical_method, parse_method, method_callbacks
+from .runs import write_atomic, write_json, read_json, log_rows, time_seconds
+from .fit import train_teacher, fit_run, distill, get_dls, fit_or_reuse
+from .cli import threads_arg
 from .results import OT_ROWS, summary, comparisons, tuning_choices, write_report
 
 # %% auto #0

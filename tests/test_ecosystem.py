@@ -147,7 +147,7 @@ def test_timm_is_an_extra_with_a_clear_error(monkeypatch):
 
 
 def test_distill_command_with_timm_names(tmp_path, capsys):
-    from otkd_nb.train import distill_main
+    from otkd_nb.cli import distill_main
     from otkd_nb.data import write_fake_cifar100
     data = write_fake_cifar100(tmp_path, n_train=32, n_test=16)
     t = save_student(timm_model('timm/resnet18', num_classes=100), tmp_path/'teacher.safetensors')

@@ -2,7 +2,7 @@
 import json, time
 import pytest
 from otkd_nb.study import Study, Runner, Pause, TUNING, tuned_methods, method_options, part_options, weight_grid, study_info
-from otkd_nb.train import write_json
+from otkd_nb.runs import write_json
 
 
 def record(runner, name, request, accuracy=0.8):
@@ -29,7 +29,7 @@ def test_a_record_without_record_json_is_not_finished(tmp_path):
 
 
 def test_the_time_limit_pauses_before_a_new_run_but_not_before_a_recorded_one(tmp_path):
-    from otkd_nb.train import train_teacher
+    from otkd_nb.fit import train_teacher
     r = Runner(Study(), tmp_path/'runs', tmp_path/'rec', max_minutes=1)
     r.t0 = time.time() - 120  # two minutes ago
     kw = dict(model='resnet8', epochs=1, seed=0)

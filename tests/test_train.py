@@ -1,11 +1,13 @@
-"""Command lines, run folders, resume after a kill, and two-process (gloo) training of `otkd_nb.train`."""
+"""Command lines, run folders, resume after a kill, and two-process (gloo) training (`otkd_nb.fit`, `otkd_nb.cli`)."""
 import json, os, shutil, signal, subprocess, sys, time, warnings
 from pathlib import Path
 import pytest, torch
 
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')
-from otkd_nb.train import (train_teacher_main, distill_main, demo_main, distill, train_teacher, RUN_FILES,
-                           parse_method, METHOD_PARTS)
+from otkd_nb.train import parse_method, METHOD_PARTS
+from otkd_nb.runs import RUN_FILES
+from otkd_nb.fit import distill, train_teacher
+from otkd_nb.cli import train_teacher_main, distill_main, demo_main
 from otkd_nb.data import write_fake_cifar100
 from otkd_nb.study import main as results_main, _lock
 from otkd_nb.models import get_model
@@ -188,7 +190,9 @@ import sys, warnings; warnings.filterwarnings('ignore')
 from pathlib import Path
 import torch, torch.distributed as dist
 from fastai.callback.core import Callback
-from otkd_nb.train import distill, gather_batch, rank_distrib
+from fastai.torch_core import rank_distrib
+from otkd_nb.train import gather_batch
+from otkd_nb.fit import distill
 out, data = Path(sys.argv[1]), Path(sys.argv[2])
 class Dump(Callback):
     "Each process saves its final weights (outside the run's folder)."
