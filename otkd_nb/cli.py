@@ -23,7 +23,9 @@ _RECIPE_HELP = '; '.join(f"{k} {r.epochs}" for k, r in RECIPES.items())
 _EPILOG = ("Several GPUs (or CPU processes): launch with `torchrun --nproc_per_node N` or `accelerate launch`; fastai's "
            "distributed training (Accelerate) shares the total batch among the processes; only rank 0 writes.")
 
-def threads_arg(s:str)->int|str:
+def threads_arg(
+    s:str, # the option's value
+)->int|str:
     "Parse `--threads`: a number, or 'auto'."
     return s if s == 'auto' else int(s)
 
@@ -115,14 +117,18 @@ def _run_cli(prog:str, f, **kwargs)->int:
               f"(best {res['best_accuracy']} after epoch {res['best_epoch']}); results in {res['out']}")
     return 0
 
-def train_teacher_main(argv:list|None=None)->int:
+def train_teacher_main(
+    argv:list|None=None, # the arguments; None: the command line's
+)->int: # the exit status
     "The command line `otkd-train-teacher`."
     p = train_teacher_parser(); a = p.parse_args(argv)
     try: model_name(a.model)
     except ValueError as e: p.error(str(e))
     return _run_cli(p.prog, train_teacher, model=a.model, dataset=a.dataset, out=a.out, **_kwargs(a))
 
-def distill_main(argv:list|None=None)->int:
+def distill_main(
+    argv:list|None=None, # the arguments; None: the command line's
+)->int: # the exit status
     "The command line `otkd-distill`."
     p = distill_parser(); a = p.parse_args(argv)
     try: canonical_method(a.method); model_name(a.student); model_name(a.teacher); options = check_options(a.method, parse_options(a.options))
@@ -225,7 +231,9 @@ def demo_parser()->argparse.ArgumentParser:
     p.add_argument('--no-plot', action='store_true', help='do not save demo.png')
     return p
 
-def demo_main(argv:list|None=None)->int:
+def demo_main(
+    argv:list|None=None, # the arguments; None: the command line's
+)->int: # the exit status
     "The command line `otkd-demo`."
     p = demo_parser(); a = p.parse_args(argv)
     methods = tuple(m.strip() for m in a.methods.split(',') if m.strip())

@@ -107,7 +107,10 @@ class RunLearner(Learner):
     "A fastai `Learner` whose `fit` starts at epoch `start_epoch` of an `n_epoch` schedule (no rows for skipped epochs) and can stop early."
     def fit(self,
         n_epoch:int, # the length of the schedule
-        lr=None, wd=None, cbs=None, reset_opt:bool=False, # as `Learner.fit`
+        lr=None, # as `Learner.fit`
+        wd=None, # as `Learner.fit`
+        cbs=None, # as `Learner.fit`
+        reset_opt:bool=False, # as `Learner.fit`
         start_epoch:int=0, # the first epoch to train (the epochs before it are done)
         stop_epoch:int|None=None, # stop before this epoch; None: at the end of the schedule
     ):
@@ -202,12 +205,17 @@ def model_state(
     sd = _bare(model).state_dict()
     return {k: v for k, v in sd.items() if not k.startswith('distill.')}, {k[8:]: v for k, v in sd.items() if k.startswith('distill.')}
 
-def opt_state(opt)->dict:
+def opt_state(
+    opt, # a fastai `Optimizer`
+)->dict:
     "The state of a fastai `Optimizer` in plain containers, which `torch.load(weights_only=True)` reads back."
     sd = opt.state_dict()
     return {'state': [dict(s) for s in sd['state']], 'hypers': [dict(h) for h in sd['hypers']]}
 
-def load_opt_state(opt, sd:dict):
+def load_opt_state(
+    opt, # a fastai `Optimizer` of the same parameters
+    sd:dict, # what `opt_state` returned
+):
     "Load what `opt_state` saved into the fastai `Optimizer` `opt`."
     opt.load_state_dict({'state': sd['state'], 'hypers': L(sd['hypers'])})
 

@@ -76,7 +76,11 @@ class SchedStep:
         milestones:list, # positions in [0, 1] at which the value is multiplied by `gamma`
         gamma:float=0.1, # the factor
     ): self.start, self.milestones, self.gamma = start, sorted(milestones), gamma
-    def __call__(self, pos:float)->float: return self.start * self.gamma ** sum(pos >= m - 1e-9 for m in self.milestones)
+    def __call__(self,
+        pos:float, # the position in training, in [0, 1]
+    )->float:
+        "The value at `pos`."
+        return self.start * self.gamma ** sum(pos >= m - 1e-9 for m in self.milestones)
     def __repr__(self): return f"SchedStep({self.start}, {[round(m, 6) for m in self.milestones]}, gamma={self.gamma})"
 
 # %% ../nbs/09_train.ipynb #30aedfad
@@ -119,11 +123,15 @@ def parse_method(
                          f"from {list(METHOD_PARTS)}; the paper's tables use {list(PAPER_METHODS)}.")
     return [p for p in METHOD_PARTS if p in parts]
 
-def canonical_method(method:str)->str:
+def canonical_method(
+    method:str, # e.g. 'KD + IPOT'
+)->str:
     "The canonical spelling of `method`: 'KD+IPOT' -> 'ipot+kd'."
     return '+'.join(parse_method(method)) or 'student'
 
-def needs_index(method:str)->bool:
+def needs_index(
+    method:str, # e.g. 'crd+kd'
+)->bool:
     "Whether `method` needs batches `(x, y, idx)` with each sample's dataset index (CRD's memory bank)."
     return 'crd' in parse_method(method)
 
@@ -142,6 +150,7 @@ def gather_batch(
 class GlobalOT:
     "Mixin for an `OTCallback`: solve OT between the global batches (all processes' features), not each process's own."
     def compute(self, s_feats, t_feats, s_out, t_out):
+        "The OT term between the features gathered from all processes (the student's through its connectors first)."
         if self.extras is not None: s_feats = [c(f) for c, f in zip(self.extras, s_feats)]
         return self.ot_term([gather_batch(f) for f in s_feats], [gather_batch(f) for f in t_feats])
 
