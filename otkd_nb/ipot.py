@@ -6,62 +6,45 @@ Docs: https://otkd-nb.github.io/otkd_nb/ipot.html.md"""
 
 # %% ../nbs/03_ipot.ipynb #a3b844d7
 from __future__ import annotations
-import contextlib, torch
+import torch
 from torch import Tensor
-from .cost import check_cost, _check_finite
-try: import triton as _triton, triton.language as tl  # the one-kernel loop (`triton=True`); comes with torch's CUDA wheels
-except ImportError: _triton = tl = None
+from .cost import check_cost
 
 # %% auto #0
-__all__ = ['LOG_DOMAIN_BELOW', 'UNROLL', 'TRITON_MAX', 'ipot', 'sinkhorn']
-
-# %% ../nbs/03_ipot.ipynb #5b017d69
-LOG_DOMAIN_BELOW = {torch.float32: 0.05, torch.float64: 0.01}
-
-# %% ../nbs/03_ipot.ipynb #8dd00a32
-def _marginal(w, n:int, C:Tensor, name:str)->Tensor:
-    "Weights `w` for `n` points as a tensor broadcast to `C.shape[:-2] + (n,)`; uniform `1/n` when None."
-    shape = C.shape[:-2] + (n,)
-    if w is None: return torch.full(shape, 1.0 / n, dtype=C.dtype, device=C.device)
-    w = torch.as_tensor(w, dtype=C.dtype, device=C.device)
-    if w.shape[-1:] != (n,):
-        raise ValueError(f"`{name}` must have {n} entries in its last dimension to match C, got shape {tuple(w.shape)}.")
-    _check_finite(w, name)
-    if (w <= 0).any(): raise ValueError(f"`{name}` must be > 0 everywhere (drop the points with weight 0 instead).")
-    return w.expand(shape)
+__all__ = ['LOG_DOMAIN_BELOW', 'ipot_plain', 'ipot_log', 'ipot', 'sinkhorn']
 
 # %% ../nbs/03_ipot.ipynb #9f9d9f61
-def _ipot_plain(C, a, b, beta, n_iter, inner):
-    "IPOT iterations with kernel `exp(-C/beta)`, in place on one buffer and with row-vector products; returns the plan."
-    shape, (n, m) = C.shape, C.shape[-2:]
-    K = torch.exp(-C / beta).reshape(-1, n, m)  # leading dimensions flattened into one batch for `bmm`
-    Q = K.clone()  # Q = K * T, with T = 1 at the start
-    a, b = a.reshape(-1, 1, n).contiguous(), b.reshape(-1, 1, m).contiguous()  # row vectors
-    dl, sig = torch.empty_like(a), b.clone()
-    Qt = Q.transpose(-1, -2)  # a view: follows Q's updates
-    for t in range(n_iter):
-        for _ in range(inner):
-            torch.div(a, torch.bmm(sig, Qt, out=dl), out=dl)  # delta = a / (Q sigma)
-            torch.div(b, torch.bmm(dl, Q, out=sig), out=sig)  # sigma = b / (Q^T delta)
-        Q.mul_(dl.transpose(-1, -2)).mul_(sig)  # T = diag(delta) Q diag(sigma)
-        if t < n_iter - 1: Q.mul_(K)  # the next Q = K * T
-    return Q.view(shape)
-
-def _ipot_plain_unrolled(C, a, b, beta, n_iter, inner):
-    "The same iterations out of place, so that autograd can differentiate through them (`unroll=True`)."
-    K, T, sig = torch.exp(-C / beta), torch.ones_like(C), b.unsqueeze(-2)
-    a, b = a.unsqueeze(-2), b.unsqueeze(-2)
+def ipot_plain(
+    C:Tensor, # cost matrices `(..., n, m)`
+    a:Tensor, # row weights `(..., n)`
+    b:Tensor, # column weights `(..., m)`
+    beta:float, # proximal step
+    n_iter:int, # proximal iterations
+    inner:int, # Sinkhorn sweeps per step
+)->Tensor: # the plan `(..., n, m)`
+    "IPOT's iterations with the kernel `exp(-C/beta)`: returns the plan."
+    K, T, sig = torch.exp(-C / beta), torch.ones_like(C), b
     for _ in range(n_iter):
         Q = K * T
         for _ in range(inner):
-            dl = a / (sig @ Q.transpose(-1, -2))
-            sig = b / (dl @ Q)
-        T = dl.transpose(-1, -2) * Q * sig
+            dl = a / (Q @ sig.unsqueeze(-1)).squeeze(-1)  # delta = a / (Q sigma)
+            sig = b / (Q.mT @ dl.unsqueeze(-1)).squeeze(-1)  # sigma = b / (Q^T delta)
+        T = dl.unsqueeze(-1) * Q * sig.unsqueeze(-2)  # T = diag(delta) Q diag(sigma)
     return T
 
+# %% ../nbs/03_ipot.ipynb #5b017d69
+LOG_DOMAIN_BELOW = {torch.float32: 0.05, torch.float64: 0.01}  # beta below which `ipot` runs the log domain, per dtype
+
 # %% ../nbs/03_ipot.ipynb #c7241031
-def _ipot_log(C, a, b, beta, n_iter, inner):
-    "The same iterations on `log T` and log scalings, with log-sum-exp in place of products; returns the plan."
+def ipot_log(
+    C:Tensor, # cost matrices `(..., n, m)`
+    a:Tensor, # row weights `(..., n)`
+    b:Tensor, # column weights `(..., m)`
+    beta:float, # proximal step
+    n_iter:int, # proximal iterations
+    inner:int, # Sinkhorn sweeps per step
+)->Tensor: # the plan `(..., n, m)`
+    "The same iterations on `log T` and log scalings, with log-sum-exp in place of products: returns the plan."
     M, la, lb = -C / beta, a.log(), b.log()
     lT, ls = torch.zeros_like(C), lb
     for _ in range(n_iter):
@@ -72,185 +55,17 @@ def _ipot_log(C, a, b, beta, n_iter, inner):
         lT = lQ + ld.unsqueeze(-1) + ls.unsqueeze(-2)
     return lT.exp()
 
-# %% ../nbs/03_ipot.ipynb #85dc51a2
-_GRAPHS = {}
-
-def _graph_solve(solve, C, a, b, beta, n_iter, inner):
-    "Run `solve` through a CUDA graph captured for this problem shape (captured on first use, then replayed)."
-    key = (solve, tuple(C.shape), C.dtype, C.device, beta, n_iter, inner)
-    if key not in _GRAPHS:
-        sC, sa, sb = C.clone(), a.contiguous().clone(), b.contiguous().clone()
-        side = torch.cuda.Stream(C.device)
-        side.wait_stream(torch.cuda.current_stream(C.device))
-        with torch.cuda.stream(side): solve(sC, sa, sb, beta, n_iter, inner)  # warm-up outside the capture
-        torch.cuda.current_stream(C.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph): out = solve(sC, sa, sb, beta, n_iter, inner)
-        if len(_GRAPHS) >= 16: _GRAPHS.pop(next(iter(_GRAPHS)))
-        _GRAPHS[key] = (graph, sC, sa, sb, out)
-    graph, sC, sa, sb, out = _GRAPHS[key]
-    sC.copy_(C); sa.copy_(a); sb.copy_(b)
-    graph.replay()
-    return out.clone()
-
-# %% ../nbs/03_ipot.ipynb #b24821e6
-UNROLL = 10  # iterations per trip of the compiled loop
-
-def _repeat(f, n, state:tuple, unroll:int|None=None)->tuple:
-    "`f` applied `n` times (a 0-d tensor) to the tuple `state`: `unroll` (default `UNROLL`) applications per trip of a `torch.while_loop`, then one per trip for the rest."
-    unroll = UNROLL if unroll is None else unroll
-    def chunk(i, *s):
-        for _ in range(unroll): s = f(*s)
-        return (i + unroll, *s)
-    i = torch.zeros_like(n)
-    if unroll > 1: i, *state = torch.while_loop(lambda i, *s: i + unroll <= n, chunk, (i, *state))
-    _, *state = torch.while_loop(lambda i, *s: i < n, lambda i, *s: (i + 1, *f(*s)), (i, *state))
-    return tuple(state)
-
-def _sweeps(sweep, inner, state:tuple)->tuple:
-    "`inner` Sinkhorn sweeps: written out when `inner` is an int (a few), in a loop when it is a 0-d tensor (many)."
-    if isinstance(inner, int):
-        for _ in range(inner): state = sweep(*state)
-        return state
-    return _repeat(sweep, inner, (torch.empty_like(state[0]), *state[1:]))  # a fresh buffer: loop state must not alias an input
-
-def _ipot_plain_fused(K, a, b, n_iter, inner):
-    "The plain iterations for `torch.compile`: `K` `(B, n, m)`, row vectors `a` `(B, 1, n)` and `b` `(B, 1, m)`, `n_iter` a 0-d tensor, `inner` as for `_sweeps`."
-    def step(Q, sig):  # Sinkhorn sweeps on Q, then T = diag(delta) Q diag(sigma)
-        def sweep(dl, sig):
-            dl = a / torch.bmm(sig, Q.transpose(-1, -2))
-            return dl, b / torch.bmm(dl, Q)
-        dl, sig = _sweeps(sweep, inner, (a, sig))
-        return Q * dl.transpose(-1, -2) * sig, sig
-    def prox(Q, sig):  # one proximal step: the next Q = K * T
-        T, sig = step(Q, sig)
-        return K * T, sig
-    Q, sig = _repeat(prox, n_iter - 1, (K.clone(), b.clone()), UNROLL if isinstance(inner, int) else 1)
-    return step(Q, sig)[0]
-
-def _ipot_log_fused(M, la, lb, n_iter, inner):
-    "The log-domain iterations for `torch.compile`: `M = -C/beta` `(B, n, m)`, log weights `la` `(B, n)` and `lb` `(B, m)`."
-    def step(lQ, ls):
-        def sweep(ld, ls):
-            ld = la - torch.logsumexp(lQ + ls.unsqueeze(-2), -1)
-            return ld, lb - torch.logsumexp(lQ + ld.unsqueeze(-1), -2)
-        ld, ls = _sweeps(sweep, inner, (la, ls))
-        return lQ + ld.unsqueeze(-1) + ls.unsqueeze(-2), ls  # log T
-    def prox(lQ, ls):
-        lT, ls = step(lQ, ls)
-        return M + lT, ls
-    lQ, ls = _repeat(prox, n_iter - 1, (M.clone(), lb.clone()), UNROLL if isinstance(inner, int) else 1)
-    return step(lQ, ls)[0].exp()
-
-_COMPILED = {}
-
-def _check_compilable(C, unroll:bool):
-    if unroll: raise ValueError("compile=True fuses the loop without autograd; it cannot be combined with unroll=True.")
-    if C.device.type != 'cpu':
-        raise ValueError(f"compile=True fuses the loop on the CPU, got a cost on {C.device}; "
-                         "on CUDA leave compile=False: graph=True (the default there) replays the loop as one CUDA graph.")
-    if not hasattr(torch, 'while_loop'): raise ValueError(f"compile=True needs torch.while_loop, which torch {torch.__version__} lacks; upgrade torch or leave compile=False.")
-
-def _flat_inputs(log:bool, C, a, b, beta)->tuple:
-    "The fused loops' inputs, leading dimensions flattened and contiguous: the kernel `exp(-C/beta)` `(B, n, m)` and the weights `(B, n)`, `(B, m)`; in the log domain `-C/beta` and the log weights."
-    n, m = C.shape[-2:]
-    M = -C.reshape(-1, n, m) / beta
-    if log: return M.contiguous(), a.log().reshape(-1, n).contiguous(), b.log().reshape(-1, m).contiguous()
-    return M.exp(), a.reshape(-1, n).contiguous(), b.reshape(-1, m).contiguous()
-
-def _compiled_solve(log:bool, C, a, b, beta, n_iter, inner):
-    "Solve with the loop compiled by `torch.compile` (once per shape and dtype, then reused); returns the plan."
-    if log not in _COMPILED: _COMPILED[log] = torch.compile(_ipot_log_fused if log else _ipot_plain_fused, fullgraph=True, dynamic=False)
-    K, wa, wb = _flat_inputs(log, C, a, b, beta)
-    if not log: wa, wb = wa.unsqueeze(1), wb.unsqueeze(1)  # row vectors `(B, 1, n)`, `(B, 1, m)`
-    counts = (torch.tensor(n_iter), inner if inner <= UNROLL else torch.tensor(inner))
-    with torch._dynamo.config.patch(recompile_limit=64):  # each shape, dtype and written-out sweep count compiles once
-        plan = _COMPILED[log](K, wa, wb, *counts)
-    return plan.view(C.shape)
-
-# %% ../nbs/03_ipot.ipynb #0d8d5bb5
-TRITON_MAX = 128  # `triton=True`: the most points per side, for one problem's matrix held in the registers of one block
-
-if _triton is not None:
-    @_triton.jit
-    def _tile(n, m, BN:tl.constexpr, BM:tl.constexpr):
-        "This program's problem: its `(BN, BM)` tile's row and column indices, their masks, and the offsets of its `(n, m)` matrix."
-        p = tl.program_id(0).to(tl.int64)
-        rn, rm = tl.arange(0, BN), tl.arange(0, BM)
-        on, om = rn < n, rm < m
-        return p, rn, rm, on, om, on[:, None] & om[None, :], p * n * m + rn[:, None] * m + rm[None, :]
-
-    @_triton.jit
-    def _ipot_plain_kernel(K, A, B, P, n, m, n_iter, inner, BN:tl.constexpr, BM:tl.constexpr):
-        "One program per problem: the plain iterations on its `(n, m)` matrix, held as a `(BN, BM)` tile; `K` re-read at each step."
-        p, rn, rm, on, om, inside, at = _tile(n, m, BN, BM)
-        Q = tl.load(K + at, mask=inside, other=0.)  # Q = K * T, with T = 1 at the start; 0 in the padding
-        a, b = tl.load(A + p * n + rn, mask=on, other=1.), tl.load(B + p * m + rm, mask=om, other=1.)
-        dl, sig = a, b
-        for t in range(n_iter):
-            for _ in range(inner):
-                dl = a / tl.where(on, tl.sum(Q * sig[None, :], 1), 1.)  # delta = a / (Q sigma)
-                sig = b / tl.where(om, tl.sum(Q * dl[:, None], 0), 1.)  # sigma = b / (Q^T delta)
-            Q = Q * dl[:, None] * sig[None, :]  # T = diag(delta) Q diag(sigma)
-            if t < n_iter - 1: Q = Q * tl.load(K + at, mask=inside, other=0.)  # the next Q = K * T
-        tl.store(P + at, Q, mask=inside)
-
-    @_triton.jit
-    def _lse(x, axis:tl.constexpr, keep):
-        "log-sum-exp of the tile `x` along `axis`; 0 where `keep` is False (padding, all `-inf`)."
-        mx = tl.where(keep, tl.max(x, axis), 0.)
-        s = tl.sum(tl.exp(x - tl.expand_dims(mx, axis)), axis)
-        return tl.where(keep, mx + tl.log(tl.where(keep, s, 1.)), 0.)
-
-    @_triton.jit
-    def _ipot_log_kernel(M, LA, LB, P, n, m, n_iter, inner, BN:tl.constexpr, BM:tl.constexpr):
-        "The same iterations on `log T` and log scalings, from `M = -C/beta` and the log weights; writes the plan `exp(log T)`."
-        p, rn, rm, on, om, inside, at = _tile(n, m, BN, BM)
-        lQ = tl.load(M + at, mask=inside, other=float('-inf'))
-        la, lb = tl.load(LA + p * n + rn, mask=on, other=0.), tl.load(LB + p * m + rm, mask=om, other=0.)
-        ld, ls = la, lb
-        for t in range(n_iter):
-            for _ in range(inner):
-                ld = la - _lse(lQ + ls[None, :], 1, on)
-                ls = lb - _lse(lQ + ld[:, None], 0, om)
-            lQ = lQ + ld[:, None] + ls[None, :]  # log T
-            if t < n_iter - 1: lQ = lQ + tl.load(M + at, mask=inside, other=float('-inf'))  # the next log Q = M + log T
-        tl.store(P + at, tl.exp(lQ), mask=inside)
-
-def _interpreted()->bool:
-    "Whether Triton runs its kernels in its interpreter (`TRITON_INTERPRET=1` when Triton was imported): on the CPU, with NumPy."
-    from triton.runtime.interpreter import InterpretedFunction
-    ours, theirs = isinstance(_ipot_plain_kernel, InterpretedFunction), isinstance(tl.sum, InterpretedFunction)
-    if ours != theirs: raise RuntimeError("TRITON_INTERPRET changed between the import of triton and that of otkd_nb.ipot; "
-                                          "set it before anything imports triton (torch's compiler does), or not at all.")
-    return ours
-
-def _check_triton(C, unroll:bool, compile:bool):
-    if _triton is None: raise ValueError("triton=True needs the `triton` package (it comes with torch's CUDA wheels): pip install triton, or leave triton=False.")
-    if unroll: raise ValueError("triton=True solves without autograd; it cannot be combined with unroll=True.")
-    if compile: raise ValueError("triton=True (one Triton kernel on CUDA) and compile=True (torch.compile on the CPU) exclude each other; pass one.")
-    if not (C.is_cuda or C.device.type == 'cpu' and _interpreted()):
-        raise ValueError(f"triton=True runs the loop as a CUDA kernel, got a cost on {C.device}; on the CPU use compile=True "
-                         "(or set TRITON_INTERPRET=1 before importing triton to run the kernel in Triton's interpreter, slowly).")
-    n, m = C.shape[-2:]
-    if max(n, m) > TRITON_MAX:
-        raise ValueError(f"triton=True holds each problem in the registers of one block, up to {TRITON_MAX} x {TRITON_MAX}; got {n} x {m}. "
-                         "Leave triton=False for larger problems (on CUDA the loop then replays from a CUDA graph).")
-
-def _triton_warps(BN:int, BM:int)->int:
-    "Warps per program for a `(BN, BM)` tile: threads enough that the tile fits their registers (`tools/triton_registers.py` reports them)."
-    return 4 if BN * BM <= 1024 else 8 if BN * BM <= 4096 else 16
-
-def _triton_solve(log:bool, C, a, b, beta, n_iter, inner):
-    "Solve with the whole loop in one Triton kernel, one program per problem; returns the plan."
-    n, m = C.shape[-2:]
-    args = _flat_inputs(log, C, a, b, beta)
-    P = torch.empty_like(args[0])
-    BN, BM = _triton.next_power_of_2(n), _triton.next_power_of_2(m)
-    if P.shape[0]:
-        with torch.cuda.device(C.device) if C.is_cuda else contextlib.nullcontext():  # Triton launches on the current device
-            (_ipot_log_kernel if log else _ipot_plain_kernel)[(P.shape[0],)](*args, P, n, m, n_iter, inner, BN=BN, BM=BM, num_warps=_triton_warps(BN, BM))
-    return P.view(C.shape)
+# %% ../nbs/03_ipot.ipynb #8dd00a32
+def _marginal(w, n:int, C:Tensor, name:str)->Tensor:
+    "Weights `w` for `n` points as a tensor broadcast to `C.shape[:-2] + (n,)`; uniform `1/n` when None."
+    shape = C.shape[:-2] + (n,)
+    if w is None: return torch.full(shape, 1.0 / n, dtype=C.dtype, device=C.device)
+    w = torch.as_tensor(w, dtype=C.dtype, device=C.device)
+    if w.shape[-1:] != (n,):
+        raise ValueError(f"`{name}` must have {n} entries in its last dimension to match C, got shape {tuple(w.shape)}.")
+    if not torch.isfinite(w).all(): raise ValueError(f"`{name}` contains NaN or Inf.")
+    if (w <= 0).any(): raise ValueError(f"`{name}` must be > 0 everywhere (drop the points with weight 0 instead).")
+    return w.expand(shape)
 
 # %% ../nbs/03_ipot.ipynb #6850f4e9
 def ipot(
@@ -263,33 +78,26 @@ def ipot(
     log_domain:bool|None=None, # None: automatic, log domain when `beta < LOG_DOMAIN_BELOW[dtype]`
     unroll:bool=False, # differentiate through the iterations instead of the envelope gradient `plan`
     check:bool=True, # reject NaN/Inf in `C` (one host sync before the loop)
-    graph:bool|None=None, # replay a CUDA graph of the loop; None: on CUDA when not `unroll`
-    compile:bool=False, # CPU: fuse the loop with `torch.compile` (seconds to compile per shape; faster at b <= 256 and in the log domain)
-    triton:bool=False, # CUDA: run the whole loop as one Triton kernel, one program per problem (`n, m <= TRITON_MAX`)
+    graph:bool|None=None, # replay a CUDA graph of the loop; None: on CUDA when not `unroll` (see `otkd_nb.fast`)
+    compile:bool=False, # CPU: fuse the loop with `torch.compile` (seconds to compile per shape; see `otkd_nb.fast`)
+    triton:bool=False, # CUDA: the whole loop as one Triton kernel, up to `otkd_nb.fast.TRITON_MAX` points per side
 )->tuple: # `(value (...,), plan (..., n, m))`, plan detached unless `unroll`
     "Inexact proximal point OT: value and plan, batched over leading dimensions."
     if beta <= 0: raise ValueError(f"`beta` must be > 0, got {beta}.")
     if n_iter < 1 or inner < 1: raise ValueError(f"`n_iter` and `inner` must be >= 1, got {n_iter} and {inner}.")
+    if unroll and (compile or triton): raise ValueError("compile=True and triton=True solve without autograd; they cannot be combined with unroll=True.")
     C = check_cost(C, check)
-    if triton: _check_triton(C, unroll, compile)
-    if compile: _check_compilable(C, unroll)
     n, m = C.shape[-2:]
     if log_domain is None: log_domain = beta < LOG_DOMAIN_BELOW.get(C.dtype, 0.05)
-    solve = _ipot_log if log_domain else _ipot_plain
-    with torch.autocast(C.device.type, enabled=False):
-        if unroll:
-            if solve is _ipot_plain: solve = _ipot_plain_unrolled
-            plan = solve(C, _marginal(a, n, C, 'a'), _marginal(b, m, C, 'b'), beta, n_iter, inner)
-        else:
-            with torch.no_grad():
-                Cd = C.detach()
-                args = (Cd, _marginal(a, n, Cd, 'a'), _marginal(b, m, Cd, 'b'), beta, n_iter, inner)
-                if compile: plan = _compiled_solve(log_domain, *args)
-                elif triton: plan = _triton_solve(log_domain, *args)
-                else:
-                    if graph is None: graph = Cd.is_cuda
-                    plan = _graph_solve(solve, *args) if graph else solve(*args)
-        return (plan * C).sum((-2, -1)), plan
+    if unroll:
+        with torch.autocast(C.device.type, enabled=False):
+            plan = (ipot_log if log_domain else ipot_plain)(C, _marginal(a, n, C, 'a'), _marginal(b, m, C, 'b'), beta, n_iter, inner)
+    else:
+        from otkd_nb import fast  # imported on use: otkd_nb.fast imports this module
+        with torch.no_grad():
+            Cd = C.detach()
+            plan = fast.solve(Cd, _marginal(a, n, Cd, 'a'), _marginal(b, m, Cd, 'b'), beta, n_iter, inner, log_domain, graph, compile, triton)
+    return (plan * C).sum((-2, -1)), plan
 
 # %% ../nbs/03_ipot.ipynb #e9adfeca
 def sinkhorn(

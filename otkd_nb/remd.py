@@ -8,10 +8,10 @@ Docs: https://otkd-nb.github.io/otkd_nb/remd.html.md"""
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .cost import check_cost, _batched, _cosines
+from .cost import check_cost
 
 # %% auto #0
-__all__ = ['row_relaxation', 'col_relaxation', 'remd_autograd', 'remd', 'cosine_remd']
+__all__ = ['row_relaxation', 'col_relaxation', 'remd', 'cosine_remd']
 
 # %% ../nbs/02_remd.ipynb #164c6d1c
 def row_relaxation(
@@ -30,86 +30,21 @@ def col_relaxation(
     return check_cost(C, check).amin(-2).mean(-1)
 
 # %% ../nbs/02_remd.ipynb #1b9d4d36
-def remd_autograd(
-    C:Tensor, # cost matrices `(..., n, m)`
-    check:bool=True, # reject NaN/Inf in `C`
-)->Tensor: # `(...,)`
-    "REMD as the formula says, differentiated by autograd: the reference that `remd` is checked against."
-    C = check_cost(C, check)
-    return torch.maximum(row_relaxation(C, check=False), col_relaxation(C, check=False))
-
-# %% ../nbs/02_remd.ipynb #14b85cee
-class _REMD(torch.autograd.Function):
-    "REMD with its gradient written in one scatter per side."
-    @staticmethod
-    def forward(ctx, C):
-        vr, ir = C.min(-1)  # each row's cheapest column
-        vc, ic = C.min(-2)  # each column's cheapest row
-        r, c = vr.mean(-1), vc.mean(-1)
-        ctx.save_for_backward(ir, ic, r, c)
-        ctx.shape = C.shape
-        return torch.maximum(r, c)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        ir, ic, r, c = ctx.saved_tensors
-        *lead, n, m = ctx.shape
-        gr = torch.where(r >= c, g, 0)  # the winning side gets the gradient; a tie goes to the rows (a valid subgradient)
-        G = g.new_zeros(ctx.shape)
-        G.scatter_add_(-1, ir.unsqueeze(-1), (gr / n)[..., None, None].expand(*lead, n, 1))  # at (i, argmin_j C_ij)
-        G.scatter_add_(-2, ic.unsqueeze(-2), ((g - gr) / m)[..., None, None].expand(*lead, 1, m))  # at (argmin_i C_ij, j)
-        return G
-
 def remd(
     C:Tensor, # cost matrices `(..., n, m)`
     check:bool=True, # reject NaN/Inf in `C`
 )->Tensor: # `(...,)` relaxed EMD, a lower bound on exact OT
     "Relaxed EMD: the larger of the row and column relaxations of OT."
-    return _REMD.apply(check_cost(C, check))
+    C = check_cost(C, check)
+    return torch.maximum(row_relaxation(C, check=False), col_relaxation(C, check=False))
 
 # %% ../nbs/02_remd.ipynb #04ec4563
-def _match_grad(x, y, w, s, j, wo, so, io, ix, ry):
-    "Gradient for the rows `x` (N, d) of sum_ij G_ij (1 - cos(x_i, y_j)), G holding `w_i` at (i, j_i) and `wo_k` at (io_k, k), with cosines `s`, `so` there."
-    a = (w * s).index_add(0, io, wo * so)  # sum_j G_ij cos_ij for each row i
-    t = (w * ry.index_select(0, j)).unsqueeze(-1) * y.index_select(0, j)  # sum_j G_ij y_j / |y_j| for each row i: the rows' own matches...
-    t.index_add_(0, io, (wo * ry).unsqueeze(-1) * y)  # ...and the columns' matches that chose row i
-    return torch.addcmul(x * (a * ix * ix).unsqueeze(-1), t, ix.unsqueeze(-1), value=-1)
-
-class _CosineREMD(torch.autograd.Function):
-    "REMD of the cosine costs of `(B, n, d)` and `(B, m, d)` features: keeps each row's and column's best match, gathers the matched features backward."
-    @staticmethod
-    def forward(ctx, x, y, eps):
-        nx, ny, rx, ry, S = _cosines(x, y, eps)  # as in `cosine_cost`; the smallest cost is the largest cosine
-        sr, jr = S.max(-1)  # each row's nearest column
-        sc, ic = S.max(-2)  # each column's nearest row
-        r, c = 1 - sr.mean(-1), 1 - sc.mean(-1)
-        ctx.save_for_backward(x, y, nx, ny, rx, ry, sr, jr, sc, ic, r, c)
-        ctx.eps = eps
-        return torch.maximum(r, c).clamp_(0, 2)  # rounding can put a cosine a hair above 1
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x, y, nx, ny, rx, ry, sr, jr, sc, ic, r, c = ctx.saved_tensors
-        (B, n, d), m = x.shape, y.shape[-2]
-        gr = torch.where(r >= c, g, 0)  # the winning side gets the gradient; a tie goes to the rows, as in `remd`
-        wr = (gr / n).unsqueeze(-1).expand(B, n).flatten()  # dREMD/dC at each (i, jr_i)
-        wc = ((g - gr) / m).unsqueeze(-1).expand(B, m).flatten()  # dREMD/dC at each (ic_j, j)
-        rows = lambda i, k: i.flatten() if B == 1 else (i + torch.arange(0, B * k, k, device=i.device).unsqueeze(-1)).flatten()  # rows of the flat batch
-        jr, ic, sr, sc = rows(jr, m), rows(ic, n), sr.flatten(), sc.flatten()
-        x, y, nx, ny, rx, ry = x.reshape(B * n, d), y.reshape(B * m, d), nx.flatten(), ny.flatten(), rx.flatten(), ry.flatten()
-        gx = _match_grad(x, y, wr, sr, jr, wc, sc, ic, rx * (nx >= ctx.eps), ry).view(B, n, d) if ctx.needs_input_grad[0] else None
-        gy = _match_grad(y, x, wc, sc, ic, wr, sr, jr, ry * (ny >= ctx.eps), rx).view(B, m, d) if ctx.needs_input_grad[1] else None
-        return gx, gy, None
-
 def cosine_remd(
     x:Tensor, # student features `(..., n, d)` or feature maps `(b, c, h, w)`
     y:Tensor, # teacher features `(..., m, d)` or feature maps, same feature size as `x`
     eps:float=1e-8, # norms below `eps` are raised to `eps`, as in `cosine_cost`
     check:bool=True, # raise on NaN/Inf inputs (one host sync); pass False in a hot loop
 )->Tensor: # `(...,)` REMD of the cosine costs, float32 or wider
-    "`remd(cosine_cost(x, y))` without the b x b cost gradient: the backward pass moves the matched rows, b·d work instead of b²d."
-    with torch.autocast(x.device.type, enabled=False):
-        x, y, lead = _batched(x, y, check)
-        return _CosineREMD.apply(x, y, eps).view(lead)
+    "`remd(cosine_cost(x, y))`, computed by `otkd_nb.fast.fused_cosine_remd` without the b x b cost gradient."
+    from otkd_nb import fast  # imported on use: otkd_nb.fast imports the solvers' modules
+    return fast.fused_cosine_remd(x, y, eps=eps, check=check)

@@ -304,9 +304,9 @@ def test_graphed_term_in_training_cuda(teacher):
     _assert_same_term(_term_and_grads(cb.ot_term, cb, model, t, xb), _term_and_grads(cb.ot, cb, model, t, xb))  # replayed graphs, eager loss
 
 def _triton_device():
-    import otkd_nb.ipot as m
-    if m._triton is None: return None
-    return 'cuda' if torch.cuda.is_available() else ('cpu' if m._interpreted() else None)
+    import otkd_nb.fast as m
+    if m.triton is None: return None
+    return 'cuda' if torch.cuda.is_available() else ('cpu' if m.interpreted() else None)
 
 @pytest.mark.skipif(_triton_device() is None, reason='needs triton, on CUDA or in its interpreter (TRITON_INTERPRET=1)')
 def test_ipot_triton_term_equals_eager(teacher):

@@ -1,8 +1,8 @@
-"""What CI cannot run on a GPU, run on the CPU with stand-ins: the CUDA-graph bookkeeping of `ipot` (capture once per
+"""What CI cannot run on a GPU, run on the CPU with stand-ins: the CUDA-graph bookkeeping of `ipot` (`otkd_nb.fast.graph_solve`) (capture once per
 problem signature, copy new inputs into the static buffers, replay, return a copy, evict the oldest) and the automatic
 choice of the log domain, observed rather than inferred from the values."""
 import contextlib, pytest, torch
-import otkd_nb.ipot as ipot_mod
+import otkd_nb.fast as fast
 from otkd_nb.ipot import ipot, sinkhorn, LOG_DOMAIN_BELOW
 from otkd_nb.cost import cosine_cost, clustered_features
 
@@ -15,7 +15,7 @@ class Graph:
 
 @pytest.fixture
 def standins(monkeypatch):
-    "Replace the CUDA parts of `torch.cuda` that `_graph_solve` uses, and record the solves run under capture."
+    "Replace the CUDA parts of `torch.cuda` that `graph_solve` uses, and record the solves run under capture."
     @contextlib.contextmanager
     def graph(g):
         Graph.captures += 1; Graph.capturing = g
@@ -27,16 +27,16 @@ def standins(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'Stream', lambda device=None: stream())
     monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: stream())
     monkeypatch.setattr(torch.cuda, 'stream', lambda s: contextlib.nullcontext())
-    for name in ('_ipot_plain', '_ipot_log'):
-        f = getattr(ipot_mod, name)
+    for name in ('ipot_inplace', 'ipot_log'):
+        f = getattr(fast, name)
         def spy(*args, _f=f):
             out = _f(*args)
             if Graph.capturing is not None: Graph.capturing.calls.append((_f, args, out))
             return out
-        monkeypatch.setattr(ipot_mod, name, spy)
-    ipot_mod._GRAPHS.clear(); Graph.captures = 0
+        monkeypatch.setattr(fast, name, spy)
+    fast.GRAPHS.clear(); Graph.captures = 0
     yield
-    ipot_mod._GRAPHS.clear()
+    fast.GRAPHS.clear()
 
 @pytest.mark.parametrize('beta', [0.05, 0.01])  # plain and log domain
 def test_graph_replay_equals_eager(standins, beta):
@@ -54,19 +54,19 @@ def test_graph_replay_equals_eager(standins, beta):
 
 def test_graph_cache_is_bounded(standins):
     for n in range(2, 20): ipot(torch.rand(n, n), graph=True)
-    assert len(ipot_mod._GRAPHS) == 16 and Graph.captures == 18
+    assert len(fast.GRAPHS) == 16 and Graph.captures == 18
     sinkhorn(torch.rand(5, 5), graph=True)  # sinkhorn goes through the same machinery
     assert Graph.captures == 19
 
 def test_log_domain_chosen_below_the_threshold(monkeypatch):
     "The solver actually run: the log domain below LOG_DOMAIN_BELOW[dtype], the plain one at and above it."
     used = []
-    for name in ('_ipot_plain', '_ipot_log'):
-        f = getattr(ipot_mod, name)
-        monkeypatch.setattr(ipot_mod, name, lambda *a, _f=f, _n=name: used.append(_n) or _f(*a))
+    for name in ('ipot_inplace', 'ipot_log'):
+        f = getattr(fast, name)
+        monkeypatch.setattr(fast, name, lambda *a, _f=f, _n=name: used.append(_n) or _f(*a))
     for dtype, thr in LOG_DOMAIN_BELOW.items():
         C = cosine_cost(*clustered_features(16, 8, dtype=dtype))
-        for beta, want in ((thr / 2, '_ipot_log'), (thr, '_ipot_plain'), (2 * thr, '_ipot_plain')):
+        for beta, want in ((thr / 2, 'ipot_log'), (thr, 'ipot_inplace'), (2 * thr, 'ipot_inplace')):
             used.clear(); ipot(C, beta=beta, n_iter=5)
             assert used == [want], (dtype, beta, used)
 

@@ -183,14 +183,14 @@ def test_compiled_errors():
     with pytest.raises(ValueError, match='unroll=True'): ipot(torch.rand(3, 3), compile=True, unroll=True)
     with pytest.raises(ValueError, match='on CUDA leave compile=False'): ipot(torch.rand(3, 3, device='meta'), compile=True, check=False)
 
-import otkd_nb.ipot as ipot_module
-from otkd_nb.ipot import TRITON_MAX
+import otkd_nb.fast as fast
+from otkd_nb.fast import TRITON_MAX
 
 def _triton_device():
     "Where `triton=True` can run here: CUDA, or the CPU under Triton's interpreter (conftest switches it on without a GPU)."
-    if ipot_module._triton is None: return None
+    if fast.triton is None: return None
     if torch.cuda.is_available(): return 'cuda'
-    return 'cpu' if ipot_module._interpreted() else None
+    return 'cpu' if fast.interpreted() else None
 
 needs_triton = pytest.mark.skipif(_triton_device() is None, reason='needs triton, on CUDA or in its interpreter (TRITON_INTERPRET=1)')
 
@@ -230,27 +230,27 @@ def test_triton_float32_largest_tile_sinkhorn_and_gradient():
 
 @needs_triton
 def test_triton_errors(monkeypatch):
-    with pytest.raises(ValueError, match='triton=True solves without autograd'): ipot(torch.rand(3, 3), triton=True, unroll=True)
+    with pytest.raises(ValueError, match='cannot be combined with unroll=True'): ipot(torch.rand(3, 3), triton=True, unroll=True)
     with pytest.raises(ValueError, match='exclude each other'): ipot(torch.rand(3, 3), triton=True, compile=True)
     too_big = torch.rand(5, 129, device=_triton_device())
     with pytest.raises(ValueError, match=f'up to {TRITON_MAX} x {TRITON_MAX}; got 5 x 129'): ipot(too_big, triton=True)
     with pytest.raises(ValueError, match='runs the loop as a CUDA kernel'): ipot(torch.rand(3, 3, device='meta'), triton=True, check=False)
-    monkeypatch.setattr(ipot_module, '_triton', None)
+    monkeypatch.setattr(fast, 'triton', None)
     with pytest.raises(ValueError, match='needs the `triton` package'): ipot(torch.rand(3, 3), triton=True)
 
-@pytest.mark.skipif(ipot_module._triton is None, reason='needs triton')
+@pytest.mark.skipif(fast.triton is None, reason='needs triton')
 def test_triton_interpreter_switched_too_late():
     "TRITON_INTERPRET set after triton's import but before ours: a clear error, not Triton's own about jit functions."
     import subprocess, sys
-    code = ("import os, torch, triton.language\nos.environ['TRITON_INTERPRET'] = '1'\nfrom otkd_nb.ipot import ipot\n"
+    code = ("import os, torch, triton.language\nos.environ['TRITON_INTERPRET'] = '1'\nfrom otkd_nb.ipot import ipot\nimport otkd_nb.fast\n"
             "try: ipot(torch.rand(4, 4), triton=True)\nexcept RuntimeError as e: print('error:', e)")
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
-    assert 'error: TRITON_INTERPRET changed between the import of triton and that of otkd_nb.ipot' in out.stdout, out.stdout + out.stderr
+    assert 'error: TRITON_INTERPRET changed between the import of triton and that of otkd_nb.fast' in out.stdout, out.stdout + out.stderr
 
 def _ptxas():
     from pathlib import Path
-    return ipot_module._triton is not None and (Path(ipot_module._triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'ptxas').exists()
+    return fast.triton is not None and (Path(fast.triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'ptxas').exists()
 
 @pytest.mark.skipif(not _ptxas(), reason="needs triton with its NVIDIA toolchain (ptxas)")
 def test_triton_kernels_compile_for_the_gpu():

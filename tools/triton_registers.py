@@ -1,4 +1,4 @@
-"""Compile the Triton kernels of `otkd_nb.ipot` (`triton=True`) for NVIDIA GPUs without a GPU, and report each one's registers and spills.
+"""Compile the Triton kernels of `otkd_nb.fast` (`triton=True`) for NVIDIA GPUs without a GPU, and report each one's registers and spills.
 
 Triton compiles ahead of time for a named architecture, and its bundled `ptxas -v` says how many registers a thread uses and
 how many bytes spill to local memory: what decides the number of warps per tile size and the largest tile (`TRITON_MAX`).
@@ -22,12 +22,12 @@ def main(argv=None)->int:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
     except ImportError: print('triton is not installed: nothing to compile'); return 1
-    import otkd_nb.ipot as ipot
+    import otkd_nb.fast as fast
     ptxas = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'ptxas'
     archs = [90] if a.quick else [int(s) for s in a.arch.split(',')]
     dtypes = ['fp32'] if a.quick else ['fp32', 'fp64']
     tiles = [(64, 64), (128, 128)] if a.quick else [(1, 8), (8, 1), (2, 128), (128, 2), (16, 32), (32, 32), (64, 64), (128, 128)]
-    kernels = {'plain': (ipot._ipot_plain_kernel, ('K', 'A', 'B')), 'log': (ipot._ipot_log_kernel, ('M', 'LA', 'LB'))}
+    kernels = {'plain': (fast.ipot_plain_kernel, ('K', 'A', 'B')), 'log': (fast.ipot_log_kernel, ('M', 'LA', 'LB'))}
     print('| arch | kernel | dtype | tile | warps | registers | spill stores (bytes) |\n|---|---|---|---|---|---|---|')
     failed, t0 = 0, time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -35,7 +35,7 @@ def main(argv=None)->int:
             for name, (kernel, args) in kernels.items():
                 for dtype in dtypes:
                     for bn, bm in tiles:
-                        warps = ipot._triton_warps(bn, bm)
+                        warps = fast.triton_warps(bn, bm)
                         sig = {**{k: '*' + dtype for k in (*args, 'P')}, **{k: 'i32' for k in ('n', 'm', 'n_iter', 'inner')}, 'BN': 'constexpr', 'BM': 'constexpr'}
                         try:
                             ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs={'BN': bn, 'BM': bm}),
