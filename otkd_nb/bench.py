@@ -13,13 +13,14 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from .cost import cosine_cost, cosine_cost_autograd, clustered_features
 from .exact import exact_ot
-from .remd import remd, remd_autograd, cosine_remd
-from .ipot import ipot, sinkhorn, TRITON_MAX
-import otkd_nb.ipot as _ipot_module
+from .remd import remd, cosine_remd
+from .ipot import ipot, sinkhorn
+from . import fast
+from .fast import bench_matvec
 
 # %% auto #0
-__all__ = ['SOLVERS', 'COMPILED', 'TRITON', 'FUSED', 'REFERENCES', 'timeit', 'bench_solvers', 'fit_exponent', 'bench_matvec',
-           'bench_remd', 'bench_pot', 'bench_step', 'report', 'main']
+__all__ = ['SOLVERS', 'COMPILED', 'TRITON', 'FUSED', 'REFERENCES', 'timeit', 'bench_solvers', 'fit_exponent', 'bench_remd',
+           'bench_pot', 'bench_step', 'report', 'main']
 
 # %% ../nbs/11_bench.ipynb #b41cf294
 def _sync(device):
@@ -56,11 +57,7 @@ def _pot_emd(C):
     u = np.full(C.shape[-1], 1 / C.shape[-1])
     return [ot.emd2(u, u, c, numItermax=10_000_000) for c in C]
 
-def _scipy_lsa(C):
-    out = []
-    for c in C:
-        r, k = linear_sum_assignment(c); out.append(c[r, k].mean())
-    return out
+def _scipy_lsa(C): return [c[linear_sum_assignment(c)].mean() for c in C]
 
 def _pot_sinkhorn(C, reg, n_iter):
     u = np.full(C.shape[-1], 1 / C.shape[-1])
@@ -68,27 +65,28 @@ def _pot_sinkhorn(C, reg, n_iter):
         warnings.simplefilter('ignore')
         return [float(ot.bregman.sinkhorn2(u, u, c, reg, method='sinkhorn_log', numItermax=n_iter, stopThr=0)) for c in C]
 
+# %% ../nbs/11_bench.ipynb #4e87a787
 SOLVERS = {
     'exact_ot': lambda C: exact_ot(C, check=False)[0],
     'remd': lambda C: remd(C, check=False),
-    'remd_autograd (the formula through autograd)': lambda C: remd_autograd(C, check=False),
+    'scatter_remd (one scatter per side backward)': lambda C: fast.scatter_remd(C, check=False),
     'ipot (defaults: beta 0.05, 100 it.)': lambda C: ipot(C, check=False)[0],
     'ipot beta 0.1, 50 it.': lambda C: ipot(C, beta=0.1, n_iter=50, check=False)[0],
     'ipot beta 0.02, 50 it. (log)': lambda C: ipot(C, beta=0.02, n_iter=50, check=False)[0],
     'sinkhorn reg 0.05, 100 it.': lambda C: sinkhorn(C, check=False)[0],
 }
-COMPILED = {  # CPU only: the loop fused by `torch.compile` (see `otkd_nb.ipot`); the first call compiles, `first_ms` shows it
+COMPILED = {  # CPU only: the loop fused by `torch.compile` (see `otkd_nb.fast`); the first call compiles, `first_ms` shows it
     'ipot compiled (defaults, compile=True)': lambda C: ipot(C, check=False, compile=True)[0],
     'ipot compiled beta 0.02, 50 it. (log)': lambda C: ipot(C, beta=0.02, n_iter=50, check=False, compile=True)[0],
 }
-TRITON = {  # CUDA only, b <= TRITON_MAX: the whole loop as one Triton kernel (see `otkd_nb.ipot`); the first call compiles it
+TRITON = {  # CUDA only, b <= TRITON_MAX: the whole loop as one Triton kernel (see `otkd_nb.fast`); the first call compiles it
     'ipot triton (defaults, triton=True)': lambda C: ipot(C, check=False, triton=True)[0],
     'ipot triton beta 0.02, 50 it. (log)': lambda C: ipot(C, beta=0.02, n_iter=50, check=False, triton=True)[0],
 }
 
 def _has_triton(device, b:int)->bool:
     "Whether the one-kernel rows run: on CUDA, with triton installed, for b up to `TRITON_MAX`."
-    return torch.device(device).type == 'cuda' and _ipot_module._triton is not None and b <= TRITON_MAX
+    return torch.device(device).type == 'cuda' and fast.triton is not None and b <= fast.TRITON_MAX
 
 FUSED = {  # solvers that start from the features and compute the costs themselves
     'cosine_remd (REMD fused with the cost)': lambda x, y: cosine_remd(x, y, check=False),
@@ -116,14 +114,10 @@ def bench_solvers(
             C = cosine_cost(x, y)
             Cn = C.double().cpu().numpy()
             ex = np.array(_scipy_lsa(Cn))
-            t_cost = timeit(lambda: cosine_cost(x, y, check=False), device, repeat)
             xg = x.clone().requires_grad_()
-            def cost_fb(): cosine_cost(xg, y, check=False).sum().backward()
-            t_cost_fb = timeit(cost_fb, device, repeat)
-            rows.append(dict(method='cosine cost alone', b=b, L=L, fwd_ms=1e3 * t_cost, fwdbwd_ms=1e3 * t_cost_fb, rel_err=0.0, first_ms=float('nan')))
-            def ref_fb(): cosine_cost_autograd(xg, y, check=False).sum().backward()
-            rows.append(dict(method='cosine cost, autograd through the formula', b=b, L=L, rel_err=0.0, first_ms=float('nan'),
-                             fwd_ms=1e3 * timeit(lambda: cosine_cost_autograd(x, y, check=False), device, repeat), fwdbwd_ms=1e3 * timeit(ref_fb, device, repeat)))
+            for name, f in (('cosine cost alone', cosine_cost), ('cosine cost, autograd through the formula', cosine_cost_autograd)):
+                fwd, fb = timeit(lambda: f(x, y, check=False), device, repeat), timeit(lambda: f(xg, y, check=False).sum().backward(), device, repeat)
+                rows.append(dict(method=name, b=b, L=L, fwd_ms=1e3 * fwd, fwdbwd_ms=1e3 * fb, rel_err=0.0, first_ms=float('nan')))
             solvers = SOLVERS | (COMPILED if cpu else {}) | (TRITON if _has_triton(device, b) else {})
             from_features = {name: (lambda x, y, f=f: f(cosine_cost(x, y, check=False))) for name, f in solvers.items()} | FUSED
             for name, f in from_features.items():
@@ -148,22 +142,6 @@ def fit_exponent(
 )->float: # the exponent k in t ~ x^k
     "Least-squares slope of log(t) against log(x)."
     return float(np.polyfit(np.log(np.asarray(xs, float)), np.log(np.asarray(ts, float)), 1)[0])
-
-# %% ../nbs/11_bench.ipynb #1ab5ada9
-def bench_matvec(
-    sizes=(64, 128, 256, 512, 1024), # batch sizes b
-    L:int=4, # stacked matrices
-    device='cpu', # where to run
-    repeat:int=50, # timed repeats per measurement (median)
-)->list: # one dict per b
-    "Time of `bmm(Q, v)` (column vector) against `bmm(v, Q.mT)` (row vector, the same product) for `(L, b, b)` matrices."
-    rows = []
-    for b in sizes:
-        Q = torch.rand(L, b, b, device=device)
-        col, row = torch.rand(L, b, 1, device=device), torch.rand(L, 1, b, device=device)
-        t_col, t_row = (timeit(f, device, repeat, warmup=10) for f in (lambda: torch.bmm(Q, col), lambda: torch.bmm(row, Q.mT)))
-        rows.append(dict(b=b, L=L, column_us=1e6 * t_col, row_us=1e6 * t_row, ratio=t_col / t_row))
-    return rows
 
 # %% ../nbs/11_bench.ipynb #93644cec
 def _turn_order(items, r:int)->list:
@@ -229,6 +207,38 @@ def _term_time(cb, student, teacher, xb, device)->float:
         s_feats, t_feats = [f.detach().requires_grad_() for f in hs.features], ht.features
     return timeit(lambda: cb.compute(s_feats, t_feats, None, None).backward(), device)
 
+def _step_data(batch:int, per_round:int, device):
+    "Random CIFAR-sized images: `per_round + 1` training batches (the first of each round warms up) and one validation batch."
+    from fastai.data.core import DataLoaders
+    from torch.utils.data import TensorDataset
+    n, g = batch * (per_round + 1), torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 100, (n,), generator=g))
+    vs = TensorDataset(torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,)))
+    return ds, DataLoaders.from_dsets(ds, vs, bs=batch, shuffle=False, device=device)
+
+def _step_methods(teacher, device, batch:int)->dict:
+    "Each timed method's callbacks, as a function that makes fresh ones."
+    from otkd_nb.callbacks import KDCallback, REMDCallback, IPOTCallback, WKDLCallback, WKDFCallback
+    kd = lambda *cbs: (lambda: [KDCallback(teacher), *(c() for c in cbs)])
+    methods = {'KD': kd(), 'KD+REMD': kd(lambda: REMDCallback(teacher)), 'KD+IPOT': kd(lambda: IPOTCallback(teacher)),
+               'KD+WKD-L': kd(lambda: WKDLCallback(teacher)), 'KD+WKD-F': kd(lambda: WKDFCallback(teacher))}
+    if device.type == 'cuda':  # the OT terms replay CUDA graphs there; the eager terms show what the graphs save
+        methods.update({'KD+REMD eager': kd(lambda: REMDCallback(teacher, graph=False)), 'KD+IPOT eager': kd(lambda: IPOTCallback(teacher, graph=False))})
+    if _has_triton(device, batch): methods['KD+IPOT triton'] = kd(lambda: IPOTCallback(teacher, triton=True))  # inside the callback's graphs
+    return methods
+
+def _step_timer(device):
+    "A fastai callback that records the wall time of each training batch, `before_batch` to `after_batch`, synchronising `device`."
+    from fastai.callback.core import Callback
+    class StepTimer(Callback):
+        order = 100
+        def before_fit(self): self.ts = []
+        def before_batch(self): _sync(device); self.t = time.perf_counter()
+        def after_batch(self):
+            if self.training: _sync(device); self.ts.append(time.perf_counter() - self.t)
+    return StepTimer()
+
+# %% ../nbs/11_bench.ipynb #a57b734f
 def bench_step(
     pairs=(('resnet32x4', 'resnet8x4'), ('resnet56', 'resnet20')), # (teacher, student) zoo names
     batch:int=64, # batch size
@@ -239,58 +249,33 @@ def bench_step(
 )->list: # one dict per (pair, method)
     "Time of one training step with KD, KD+REMD, KD+IPOT, KD+WKD-L and KD+WKD-F (and on CUDA both OT terms without CUDA graphs, and IPOT with `triton=True`) measured in turns; the ratio to KD is the median over the rounds of each round's ratio."
     from fastai.learner import Learner
-    from fastai.data.core import DataLoaders
-    from fastai.callback.core import Callback
     from fastai.callback.progress import ProgressCallback  # adds Learner.no_bar
-    from torch.utils.data import TensorDataset
     from otkd_nb.models import get_model
-    from otkd_nb.callbacks import KDCallback, REMDCallback, IPOTCallback, OTCallback, WKDLCallback, WKDFCallback
+    from otkd_nb.callbacks import OTCallback
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    class StepTimer(Callback):
-        order = 100
-        def before_fit(self): self.ts = []
-        def before_batch(self): _sync(device); self.t = time.perf_counter()
-        def after_batch(self):
-            if self.training: _sync(device); self.ts.append(time.perf_counter() - self.t)
     rounds = max(1, min(rounds, steps))
-    per_round = math.ceil(steps / rounds)
-    n = batch * (per_round + 1)  # each round's first step warms up and is not counted
-    g = torch.Generator().manual_seed(0)
-    ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 100, (n,), generator=g))
-    vs = TensorDataset(torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,)))
-    dls = DataLoaders.from_dsets(ds, vs, bs=batch, shuffle=False, device=device)
+    ds, dls = _step_data(batch, math.ceil(steps / rounds), device)
     rows = []
     for tname, sname in pairs:
         teacher = get_model(tname).to(device)
-        methods = {'KD': lambda: [KDCallback(teacher)],
-                   'KD+REMD': lambda: [KDCallback(teacher), REMDCallback(teacher)],
-                   'KD+IPOT': lambda: [KDCallback(teacher), IPOTCallback(teacher)],
-                   'KD+WKD-L': lambda: [KDCallback(teacher), WKDLCallback(teacher)],
-                   'KD+WKD-F': lambda: [KDCallback(teacher), WKDFCallback(teacher)]}
-        if device.type == 'cuda':  # the OT terms replay CUDA graphs there; the eager terms show what the graphs save
-            methods.update({'KD+REMD eager': lambda: [KDCallback(teacher), REMDCallback(teacher, graph=False)],
-                            'KD+IPOT eager': lambda: [KDCallback(teacher), IPOTCallback(teacher, graph=False)]})
-        if _has_triton(device, batch):  # IPOT's loop as one Triton kernel, inside the callback's graphs
-            methods['KD+IPOT triton'] = lambda: [KDCallback(teacher), IPOTCallback(teacher, triton=True)]
-        learners = {}
+        methods, learners = _step_methods(teacher, device, batch), {}
         for m, cbs in methods.items():
             torch.manual_seed(0)
             learners[m] = Learner(dls, get_model(sname), loss_func=nn.CrossEntropyLoss(), cbs=cbs())
         ts = {m: [] for m in methods}  # per method, the timed steps of each round
         for r in range(rounds):
             for m in _turn_order(methods, r):
-                timer = StepTimer()
+                timer = _step_timer(device)
                 with learners[m].no_bar(), learners[m].no_logging(): learners[m].fit(1, 0.01, cbs=timer)
                 ts[m].append(timer.ts[1:])
         for m in methods:
-            t = statistics.median([s for steps in ts[m] for s in steps])
             per_round = [statistics.median(a) / statistics.median(k) for a, k in zip(ts[m], ts['KD'])]
             ot = next((c for c in learners[m].cbs if isinstance(c, OTCallback)), None)
             term = _term_time(ot, learners[m].model, teacher, ds.tensors[0][:batch].to(device), device) if ot else float('nan')
             lo, hi = (statistics.quantiles(per_round, n=4, method='inclusive')[::2] if len(per_round) > 1 else per_round * 2)
-            rows.append(dict(pair=f'{tname} -> {sname}', method=m, batch=batch, step_ms=1e3 * t, ratio=statistics.median(per_round),
-                             ratio_q1=lo, ratio_q3=hi, term_ms=1e3 * term))
-            if progress: print(f"{tname} -> {sname} {m:8s} {1e3 * t:8.1f} ms/step  x{rows[-1]['ratio']:.3f}  term {1e3 * term:.1f} ms", flush=True)
+            rows.append(dict(pair=f'{tname} -> {sname}', method=m, batch=batch, step_ms=1e3 * statistics.median([s for st in ts[m] for s in st]),
+                             ratio=statistics.median(per_round), ratio_q1=lo, ratio_q3=hi, term_ms=1e3 * term))
+            if progress: print(f"{tname} -> {sname} {m:8s} {rows[-1]['step_ms']:8.1f} ms/step  x{rows[-1]['ratio']:.3f}  term {1e3 * term:.1f} ms", flush=True)
     return rows
 
 # %% ../nbs/11_bench.ipynb #bde89ccf
@@ -305,80 +290,73 @@ def _targets(solver_rows, step_rows, remd_rows=(), pot_rows=(), ipot_name='ipot 
     out = []
     ip = [r for r in solver_rows if r['method'] == ipot_name]
     if ip: out.append(('IPOT at its defaults within 1e-3 (relative) of exact', max(r['rel_err'] for r in ip), max(r['rel_err'] for r in ip) < 1e-3))
-    if remd_rows:  # timed in turns (`bench_remd`)
-        for L in sorted({r['L'] for r in remd_rows}):
-            worst = max(r['ratio'] for r in remd_rows if r['L'] == L)
-            out.append((f'REMD fwd+bwd at most 1.5x the cosine cost fwd+bwd (L={L}, worst b, in turns)', worst, worst <= 1.5))
-    else:  # older results: from two rows of the solver table
-        for L in sorted({r['L'] for r in solver_rows}):
-            cost = {r['b']: r for r in solver_rows if r['method'] == 'cosine cost alone' and r['L'] == L}
-            rm = {r['b']: r for r in solver_rows if r['method'] == 'remd' and r['L'] == L}
-            worst = max(rm[b]['fwdbwd_ms'] / cost[b]['fwdbwd_ms'] for b in rm)
-            out.append((f'REMD fwd+bwd at most 1.5x the cosine cost fwd+bwd (L={L}, worst b, solver table)', worst, worst <= 1.5))
+    for L in sorted({r['L'] for r in remd_rows}):  # timed in turns (`bench_remd`)
+        worst = max(r['ratio'] for r in remd_rows if r['L'] == L)
+        out.append((f'REMD fwd+bwd at most 1.5x the cosine cost fwd+bwd (L={L}, worst b, in turns)', worst, worst <= 1.5))
     for r in pot_rows:  # timed in turns (`bench_pot`)
         if r['L'] == 4 and r['b'] >= 128:
             out.append((f"IPOT faster than POT emd2 over 4 layers, b={r['b']}, in turns (POT time / IPOT time)", r['ratio'], r['ratio'] > 1))
             for name, how in (('compiled', 'compile=True'), ('triton', 'triton=True')):
                 if f'{name}_ratio' in r:
                     out.append((f"IPOT with {how} faster than POT emd2 over 4 layers, b={r['b']}, in turns", r[f'{name}_ratio'], r[f'{name}_ratio'] > 1))
-    big = [r for r in solver_rows if r['L'] == 4 and r['b'] >= 128] if not pot_rows else []  # older results: from the solver table
-    for b in sorted({r['b'] for r in big}):
-        t_ip = next(r['fwd_ms'] for r in big if r['b'] == b and r['method'] == ipot_name)
-        t_pot = next(r['fwd_ms'] for r in big if r['b'] == b and r['method'] == 'POT ot.emd2 (looped)')
-        out.append((f'IPOT faster than POT emd2 over 4 layers, b={b} (POT time / IPOT time)', t_pot / t_ip, t_pot > t_ip))
     for r in step_rows:
         if r['method'] == 'KD+IPOT': out.append((f"KD+IPOT step at most 1.05x the KD step ({r['pair']})", r['ratio'], r['ratio'] <= 1.05))
         if r['method'] in ('KD+WKD-L', 'KD+WKD-F'): out.append((f"{r['method']} step at most 1.10x the KD step ({r['pair']})", r['ratio'], r['ratio'] <= 1.10))
         if r['method'] == 'KD+IPOT triton': out.append((f"KD+IPOT step, triton=True, at most 1.05x the KD step ({r['pair']})", r['ratio'], r['ratio'] <= 1.05))
     return out
 
+# %% ../nbs/11_bench.ipynb #9858a3fe
 def _md_table(rows, keys):
     fmt = lambda v: (f'{v:.3g}' if isinstance(v, float) else str(v))
     return '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] + ['| ' + ' | '.join(fmt(r.get(k, math.nan)) for k in keys) + ' |' for r in rows])
 
+def _write_atomic(path:Path, text:str):
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text); os.replace(tmp, path)
+
+def _solver_sections(solver_rows)->list:
+    "The solver table, the scaling exponents and the ratios of 4 layers to 1, as markdown lines."
+    lines = ['', '### Solvers (milliseconds; relative error against exact OT; first_ms: the first call, compilation included)', '',
+             _md_table(solver_rows, ['method', 'b', 'L', 'fwd_ms', 'fwdbwd_ms', 'rel_err', 'first_ms'])]
+    lines += ['', '### Scaling exponents (time ~ b^k, forward, L=1 and L=4)', '', '| method | k (L=1) | k (L=4) |', '|---|---|---|']
+    for m in dict.fromkeys(r['method'] for r in solver_rows):
+        ks = []
+        for L in (1, 4):
+            rs = [r for r in solver_rows if r['method'] == m and r['L'] == L]
+            ks.append(f"{fit_exponent([r['b'] for r in rs], [r['fwd_ms'] for r in rs]):.2f}" if len(rs) > 1 else '-')
+        lines.append(f'| {m} | {ks[0]} | {ks[1]} |')
+    lines += ['', '### Layers (time at L=4 over time at L=1, forward)', '', '| method | b | ratio |', '|---|---|---|']
+    for m in dict.fromkeys(r['method'] for r in solver_rows):
+        for b in sorted({r['b'] for r in solver_rows}):
+            one = [r for r in solver_rows if r['method'] == m and r['L'] == 1 and r['b'] == b]
+            four = [r for r in solver_rows if r['method'] == m and r['L'] == 4 and r['b'] == b]
+            if one and four: lines.append(f"| {m} | {b} | {four[0]['fwd_ms'] / one[0]['fwd_ms']:.2f} |")
+    return lines
+
+# %% ../nbs/11_bench.ipynb #ba3a423e
 def report(solver_rows, step_rows, machine, matvec_rows=(), remd_rows=(), pot_rows=())->str:
     "The benchmark as markdown: machine, targets, solver table, scaling exponents, REMD and IPOT against POT in turns, matrix-vector products, step table."
     lines = [f"Machine: {machine['name']} ({machine['device']}), {machine['cpus']} CPUs, {machine['torch_threads']} torch threads; "
              f"torch {machine['torch']}, POT {machine['pot']}, Python {machine['python']}.", '', '### Targets', '',
              '| target | measured | met |', '|---|---|---|']
     lines += [f'| {t} | {v:.3g} | {"yes" if ok else "**no**"} |' for t, v, ok in _targets(solver_rows, step_rows, remd_rows, pot_rows)]
-    if solver_rows:
-        lines += ['', '### Solvers (milliseconds; relative error against exact OT; first_ms: the first call, compilation included)', '',
-                  _md_table(solver_rows, ['method', 'b', 'L', 'fwd_ms', 'fwdbwd_ms', 'rel_err'] + (['first_ms'] if 'first_ms' in solver_rows[0] else []))]
-        lines += ['', '### Scaling exponents (time ~ b^k, forward, L=1 and L=4)', '', '| method | k (L=1) | k (L=4) |', '|---|---|---|']
-        for m in dict.fromkeys(r['method'] for r in solver_rows):
-            ks = []
-            for L in (1, 4):
-                rs = [r for r in solver_rows if r['method'] == m and r['L'] == L]
-                ks.append(f"{fit_exponent([r['b'] for r in rs], [r['fwd_ms'] for r in rs]):.2f}" if len(rs) > 1 else '-')
-            lines.append(f'| {m} | {ks[0]} | {ks[1]} |')
-        lines += ['', '### Layers (time at L=4 over time at L=1, forward)', '', '| method | b | ratio |', '|---|---|---|']
-        for m in dict.fromkeys(r['method'] for r in solver_rows):
-            for b in sorted({r['b'] for r in solver_rows}):
-                one = [r for r in solver_rows if r['method'] == m and r['L'] == 1 and r['b'] == b]
-                four = [r for r in solver_rows if r['method'] == m and r['L'] == 4 and r['b'] == b]
-                if one and four: lines.append(f"| {m} | {b} | {four[0]['fwd_ms'] / one[0]['fwd_ms']:.2f} |")
+    if solver_rows: lines += _solver_sections(solver_rows)
     if remd_rows:
-        keys = ['b', 'L', 'cost_ms', 'remd_ms', 'ratio'] + (['composed_ms', 'composed_ratio'] if 'composed_ms' in remd_rows[0] else [])
         lines += ['', '### REMD against the cosine cost alone (forward+backward, milliseconds, timed in turns; remd: `cosine_remd`, '
-                  'the fused form the losses use; composed: `remd(cosine_cost(...))`)', '', _md_table(remd_rows, keys)]
+                  'the fused form the losses use; composed: `remd(cosine_cost(...))`)', '',
+                  _md_table(remd_rows, ['b', 'L', 'cost_ms', 'remd_ms', 'ratio', 'composed_ms', 'composed_ratio'])]
     if pot_rows:
         keys = ['b', 'L', 'pot_ms', 'ipot_ms', 'ratio'] + [f'{n}_{k}' for n in ('compiled', 'triton') if any(f'{n}_ms' in r for r in pot_rows) for k in ('ms', 'ratio')]
         lines += ['', '### IPOT against POT\'s exact solver (milliseconds, timed in turns; ratio: POT time / IPOT time; compiled: `ipot(..., compile=True)`; '
-                  'triton: `ipot(..., triton=True)`)', '',
-                  _md_table(pot_rows, keys)]
+                  'triton: `ipot(..., triton=True)`)', '', _md_table(pot_rows, keys)]
     if matvec_rows:
         lines += ['', '### Matrix-vector products (microseconds; `bmm(Q, v)` with a column vector against the same product as `bmm(v, Q.mT)` with a row)', '',
                   _md_table(matvec_rows, ['b', 'L', 'column_us', 'row_us', 'ratio'])]
     if step_rows:
-        keys = ['pair', 'method', 'batch', 'step_ms', 'ratio'] + (['ratio_q1', 'ratio_q3', 'term_ms'] if 'term_ms' in step_rows[0] else [])
         lines += ['', '### Training step (milliseconds per step; ratio to KD: median over the rounds, with the quartiles of the rounds; '
-                  'term_ms: the OT term alone, forward+backward on one batch\'s features)', '', _md_table(step_rows, keys)]
+                  'term_ms: the OT term alone, forward+backward on one batch\'s features)', '',
+                  _md_table(step_rows, ['pair', 'method', 'batch', 'step_ms', 'ratio', 'ratio_q1', 'ratio_q3', 'term_ms'])]
     return '\n'.join(lines) + '\n'
-
-def _write_atomic(path:Path, text:str):
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text); os.replace(tmp, path)
 
 # %% ../nbs/11_bench.ipynb #cd303a4d
 def main(argv=None):
@@ -411,7 +389,7 @@ def main(argv=None):
     solver_rows = [] if 'solvers' in a.skip else bench_solvers(sizes, layers, a.width, a.device, 3 if a.quick else a.repeat)
     remd_rows = [] if 'remd' in a.skip else bench_remd(sizes, layers, a.width, a.device, 10 if a.quick else 40)
     pot_rows = [] if 'pot' in a.skip else bench_pot(sizes, 4, a.width, a.device, 3 if a.quick else 20)
-    matvec_rows = [] if 'matvec' in a.skip else bench_matvec(sizes, device=a.device, repeat=10 if a.quick else 50)
+    matvec_rows = [] if 'matvec' in a.skip else bench_matvec(sizes, device=a.device, min_run_time=0.05 if a.quick else 0.2)
     save(solver_rows, [], matvec_rows, remd_rows, pot_rows)
     step_rows = [] if 'step' in a.skip else bench_step(pairs, 16 if a.quick else 64, 3 if a.quick else a.steps, a.device, rounds=a.rounds)
     print(save(solver_rows, step_rows, matvec_rows, remd_rows, pot_rows))
