@@ -10,10 +10,14 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['flatten_features', 'cosine_cost', 'cosine_cost_autograd', 'check_cost', 'clustered_features']
+__all__ = ['check_finite', 'flatten_features', 'batch_cosines', 'prepare_pair', 'batch_pair', 'cosine_cost',
+           'cosine_cost_autograd', 'check_cost', 'clustered_features']
 
 # %% ../nbs/00_cost.ipynb #ee8e7aaa
-def _check_finite(t:Tensor, name:str):
+def check_finite(
+    t:Tensor, # the tensor to check (one host sync)
+    name:str, # its name, for the error
+):
     "Raise a `ValueError` naming `name` if `t` holds NaN or Inf."
     if not torch.isfinite(t).all():
         raise ValueError(f"`{name}` contains NaN or Inf; check the features or the solver input that produced it.")
@@ -32,7 +36,11 @@ def flatten_features(
     return x
 
 # %% ../nbs/00_cost.ipynb #25a7c0b1
-def _cosines(x, y, eps):
+def batch_cosines(
+    x:Tensor, # `(B, n, d)` student features
+    y:Tensor, # `(B, m, d)` teacher features
+    eps:float, # norms below `eps` are raised to `eps`
+)->tuple:
     "Norms `(B, n)`, `(B, m)`, their clamped reciprocals `1 / max(|v|, eps)` and the cosines `(B, n, m)` of `(B, n, d)` and `(B, m, d)` batches."
     nx, ny = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
     rx, ry = nx.clamp_min(eps).reciprocal_(), ny.clamp_min(eps).reciprocal_()
@@ -42,7 +50,7 @@ class _CosineCost(torch.autograd.Function):
     "`1 - cos(x_i, y_j)` on `(B, n, d)` and `(B, m, d)`: one product forward, one per side backward, no feature-sized temporaries."
     @staticmethod
     def forward(ctx, x, y, eps):
-        nx, ny, rx, ry, S = _cosines(x, y, eps)
+        nx, ny, rx, ry, S = batch_cosines(x, y, eps)
         ix, iy = rx * (nx >= eps), ry * (ny >= eps)  # the same, but 0 for (near-)zero vectors: they get no gradient
         ctx.save_for_backward(x, y, rx, ry, ix, iy, S)
         return 1 - S
@@ -61,19 +69,27 @@ class _CosineCost(torch.autograd.Function):
         return gx, gy, None
 
 # %% ../nbs/00_cost.ipynb #44cf9221
-def _prepare(x, y, check):
+def prepare_pair(
+    x:Tensor, # student features or feature maps
+    y:Tensor, # teacher features or feature maps
+    check:bool, # raise on NaN/Inf
+)->tuple:
     "Flatten, check and upcast the two batches of `cosine_cost`."
     x, y = flatten_features(x, 'x'), flatten_features(y, 'y')
     if x.shape[-1] != y.shape[-1]:
         raise ValueError(f"Feature sizes differ: x has {x.shape[-1]} features per sample {tuple(x.shape)}, "
                          f"y has {y.shape[-1]} {tuple(y.shape)}; add a connector (see `otkd_nb.features`) to map one onto the other.")
-    if check: _check_finite(x, 'x'); _check_finite(y, 'y')
+    if check: check_finite(x, 'x'); check_finite(y, 'y')
     dt = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
     return x.to(dt), y.to(dt)
 
-def _batched(x, y, check):
-    "`_prepare`, then both batches with one leading dimension for `bmm`: `(B, n, d)`, `(B, m, d)` and the broadcast leading shape."
-    x, y = _prepare(x, y, check)
+def batch_pair(
+    x:Tensor, # student features `(..., n, d)` or feature maps
+    y:Tensor, # teacher features `(..., m, d)` or feature maps
+    check:bool, # raise on NaN/Inf
+)->tuple:
+    "`prepare_pair`, then both batches with one leading dimension for `bmm`: `(B, n, d)`, `(B, m, d)` and the broadcast leading shape."
+    x, y = prepare_pair(x, y, check)
     lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     flat = lambda t: t.expand(*lead, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
     return flat(x), flat(y), lead
@@ -86,10 +102,11 @@ def cosine_cost(
 )->Tensor: # `(..., n, m)` cosine costs in [0, 2], float32 or wider
     "Cosine cost `1 - cos(x_i, y_j)` between two batches, batched over leading dimensions."
     with torch.autocast(x.device.type, enabled=False):
-        x, y, lead = _batched(x, y, check)
+        x, y, lead = batch_pair(x, y, check)
         C = _CosineCost.apply(x, y, eps)
         return C.view(*lead, *C.shape[-2:]).clamp(0, 2)
 
+# %% ../nbs/00_cost.ipynb #564260aa
 def cosine_cost_autograd(
     x:Tensor, # student features `(..., n, d)` or feature maps `(b, c, h, w)`
     y:Tensor, # teacher features `(..., m, d)` or feature maps
@@ -98,7 +115,7 @@ def cosine_cost_autograd(
 )->Tensor: # `(..., n, m)` cosine costs in [0, 2]
     "The cosine cost as normalise-then-multiply, differentiated by autograd: the reference that `cosine_cost` is checked against."
     with torch.autocast(x.device.type, enabled=False):
-        x, y = _prepare(x, y, check)
+        x, y = prepare_pair(x, y, check)
         xn = x * torch.rsqrt((x * x).sum(-1, keepdim=True).clamp_min(eps * eps))
         yn = y * torch.rsqrt((y * y).sum(-1, keepdim=True).clamp_min(eps * eps))
         return (1 - xn @ yn.transpose(-1, -2)).clamp(0, 2)
@@ -113,7 +130,7 @@ def check_cost(
     if C.ndim < 2: raise ValueError(f"`C` must have rank >= 2, `(..., n, m)`; got shape {tuple(C.shape)}.")
     if C.shape[-1] == 0 or C.shape[-2] == 0 or C.numel() == 0:
         raise ValueError(f"`C` is empty (shape {tuple(C.shape)}); each problem needs at least one point on each side.")
-    if check: _check_finite(C, 'C')
+    if check: check_finite(C, 'C')
     return C.to(torch.promote_types(C.dtype, torch.float32))
 
 # %% ../nbs/00_cost.ipynb #34dbc290

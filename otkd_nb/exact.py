@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np, torch, ot
 from torch import Tensor
 from scipy.optimize import linear_sum_assignment
-from .cost import check_cost, _check_finite
+from .cost import check_cost, check_finite
 
 # %% auto #0
 __all__ = ['exact_ot']
@@ -21,7 +21,7 @@ def _weights(w, n:int, batch:tuple, name:str):
     w = torch.as_tensor(w)
     if w.shape[-1:] != (n,):
         raise ValueError(f"`{name}` must have {n} entries in its last dimension to match C, got shape {tuple(w.shape)}.")
-    _check_finite(w, name)
+    check_finite(w, name)
     if (w < 0).any(): raise ValueError(f"`{name}` has negative weights; transport weights must be >= 0.")
     return np.broadcast_to(w.detach().to('cpu', torch.float64).numpy(), batch + (n,))
 

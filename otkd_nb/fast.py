@@ -8,7 +8,7 @@ Docs: https://otkd-nb.github.io/otkd_nb/fast.html.md"""
 from __future__ import annotations
 import contextlib, torch
 from torch import Tensor
-from .cost import check_cost, _batched, _cosines
+from .cost import check_cost, batch_pair, batch_cosines
 from .ipot import ipot_log
 try: import triton, triton.language as tl  # the one-kernel loop (`triton=True`); comes with torch's CUDA wheels
 except ImportError: triton = tl = None
@@ -334,7 +334,7 @@ class _CosineREMD(torch.autograd.Function):
     "REMD of the cosine costs of `(B, n, d)` and `(B, m, d)` features: keeps each row's and column's best match, gathers the matched features backward."
     @staticmethod
     def forward(ctx, x, y, eps):
-        nx, ny, rx, ry, S = _cosines(x, y, eps)  # as in `cosine_cost`; the smallest cost is the largest cosine
+        nx, ny, rx, ry, S = batch_cosines(x, y, eps)  # as in `cosine_cost`; the smallest cost is the largest cosine
         sr, jr = S.max(-1)  # each row's nearest column
         sc, ic = S.max(-2)  # each column's nearest row
         r, c = 1 - sr.mean(-1), 1 - sc.mean(-1)
@@ -366,5 +366,5 @@ def fused_cosine_remd(
 )->Tensor: # `(...,)` REMD of the cosine costs, float32 or wider
     "`remd(cosine_cost(x, y))` without the b x b cost gradient: the backward pass moves the matched rows, b·d work instead of b²d."
     with torch.autocast(x.device.type, enabled=False):
-        x, y, lead = _batched(x, y, check)
+        x, y, lead = batch_pair(x, y, check)
         return _CosineREMD.apply(x, y, eps).view(lead)
