@@ -104,19 +104,22 @@ class CRDLoss(nn.Module):
             for k, v in zip(('labels', 'order', 'start', 'count'), (labels, *class_index(labels))):
                 self.register_buffer(k, v, persistent=False)  # derived from the dataset, not learned: not in the state dict
 
-    def embed(self,
-        f_s:Tensor, # `(b, ...)` student features
-        f_t:Tensor, # `(b, ...)` teacher features (detached here)
-    )->tuple: # `(v_s, v_t)`, each `(b, feat_dim)` of unit length, float32
-        "The L2-normalised linear embeddings of both networks' features."
-        v_s, v_t = self.embed_s(f_s.reshape(f_s.shape[0], -1)), self.embed_t(f_t.detach().reshape(f_t.shape[0], -1))
-        with no_autocast(v_s): return F.normalize(as_float32(v_s), dim=1), F.normalize(as_float32(v_t), dim=1)
+# %% ../nbs/04b_crd.ipynb #ecb2ff7e
+@patch
+def embed(self:CRDLoss,
+    f_s:Tensor, # `(b, ...)` student features
+    f_t:Tensor, # `(b, ...)` teacher features (detached here)
+)->tuple: # `(v_s, v_t)`, each `(b, feat_dim)` of unit length, float32
+    "The L2-normalised linear embeddings of both networks' features."
+    v_s, v_t = self.embed_s(f_s.reshape(f_s.shape[0], -1)), self.embed_t(f_t.detach().reshape(f_t.shape[0], -1))
+    with no_autocast(v_s): return F.normalize(as_float32(v_s), dim=1), F.normalize(as_float32(v_t), dim=1)
 
-    def _nce(self, h:Tensor)->Tensor:
-        "NCE loss of scores `h` `(b, 1+K)`, positive first, against the uniform noise `1/n_data`."
-        mPn = (h.shape[1] - 1) / self.n_data
-        return -(torch.log(h[:, 0] / (h[:, 0] + mPn + self.eps)).sum()
-                 + torch.log(mPn / (h[:, 1:] + mPn + self.eps)).sum()) / h.shape[0]
+@patch
+def _nce(self:CRDLoss, h:Tensor)->Tensor:
+    "NCE loss of scores `h` `(b, 1+K)`, positive first, against the uniform noise `1/n_data`."
+    mPn = (h.shape[1] - 1) / self.n_data
+    return -(torch.log(h[:, 0] / (h[:, 0] + mPn + self.eps)).sum()
+             + torch.log(mPn / (h[:, 1:] + mPn + self.eps)).sum()) / h.shape[0]
 
 # %% ../nbs/04b_crd.ipynb #e1d044b7
 @patch

@@ -154,6 +154,7 @@ def _spatial(shape:tuple, size:tuple):
     if shape[1] * W == shape[2] * H: return shape[1:3], 'nhwc'
     return None
 
+# %% ../nbs/05_features.ipynb #7e665289
 def _stages(model:nn.Module, info:dict, size:tuple)->tuple:
     "CNNs: the last of the shallowest modules at each spatial size, a module being split into its children while they span several sizes; then the pooled vector."
     def kids(name, mod):
@@ -218,6 +219,7 @@ def _probe_size(model:nn.Module)->tuple:
     if s is None: return (64, 96)
     return tuple(s) if isinstance(s, (tuple, list)) else (s, s)
 
+# %% ../nbs/05_features.ipynb #655241e0
 def find_feature_layers(
     model:nn.Module, # a CNN or a vision transformer, e.g. from torchvision, timm or fastai's `vision_learner`
 )->list: # [stem, stage..., pooled]

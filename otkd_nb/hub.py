@@ -42,6 +42,7 @@ def timm_name(
     raise ValueError(f"timm has no model {n!r}." + (f" Did you mean {[TIMM_PREFIX + c for c in close]}?" if close else '')
                      + " `timm.list_models('pattern*')` lists them.")
 
+# %% ../nbs/07a_hub.ipynb #f14c6b6d
 def timm_model(
     name:str, # 'timm/<name>' or a bare timm name
     num_classes:int|None=None, # outputs of the head; None: timm's default for the model
@@ -88,6 +89,7 @@ def _write_atomic(path:Path, data:bytes):
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 
+# %% ../nbs/07a_hub.ipynb #17a65f14
 def save_student(
     learn_or_model:Learner|nn.Module, # a (distilled) learner, or its model
     path:str|Path, # the `.safetensors` file; the JSON goes beside it (`sidecar`)

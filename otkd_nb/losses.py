@@ -10,7 +10,7 @@ import inspect, math
 from functools import partial
 import torch, torch.nn.functional as F
 from torch import Tensor, nn
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, patch
 from .cost import cosine_cost
 from .exact import exact_ot
 from .remd import remd, cosine_remd
@@ -136,29 +136,33 @@ class OTLoss(nn.Module):
         for o in outs[1:]: dt = torch.promote_types(dt, o.dtype)
         return [o.to(dt) for o in outs]
 
-    def cost(self,
-        student_feats:Tensor|list, # `(b, ...)` features, or a list with one tensor per layer
-        teacher_feats:Tensor|list, # the teacher's, same layers and batch size (detached here)
-    )->Tensor: # `(L, b, b)` cosine costs, float32 or wider
-        "The layers' cosine costs, stacked into one `(L, b, b)` tensor."
-        return torch.stack(self._per_layer(partial(cosine_cost, check=self.check), student_feats, teacher_feats))
+# %% ../nbs/04_losses.ipynb #175a1659
+@patch
+def cost(self:OTLoss,
+    student_feats:Tensor|list, # `(b, ...)` features, or a list with one tensor per layer
+    teacher_feats:Tensor|list, # the teacher's, same layers and batch size (detached here)
+)->Tensor: # `(L, b, b)` cosine costs, float32 or wider
+    "The layers' cosine costs, stacked into one `(L, b, b)` tensor."
+    return torch.stack(self._per_layer(partial(cosine_cost, check=self.check), student_feats, teacher_feats))
 
-    def layer_values(self,
-        student_feats:Tensor|list, # `(b, ...)` features, or a list with one tensor per layer
-        teacher_feats:Tensor|list, # the teacher's, same layers and batch size (detached here)
-    )->Tensor: # `(L,)` one OT value per layer
-        "The OT value of each layer, from one batched solver call (REMD: one fused call per layer, see `cosine_remd`)."
-        if self.solver == 'remd':  # straight from the features: the b x b cost gradient is never formed
-            return torch.stack(self._per_layer(partial(cosine_remd, check=self.check), student_feats, teacher_feats))
-        out = OT_SOLVERS[self.solver](self.cost(student_feats, teacher_feats), check=False, **self.solver_kwargs)
-        return out[0] if isinstance(out, tuple) else out
+@patch
+def layer_values(self:OTLoss,
+    student_feats:Tensor|list, # `(b, ...)` features, or a list with one tensor per layer
+    teacher_feats:Tensor|list, # the teacher's, same layers and batch size (detached here)
+)->Tensor: # `(L,)` one OT value per layer
+    "The OT value of each layer, from one batched solver call (REMD: one fused call per layer, see `cosine_remd`)."
+    if self.solver == 'remd':  # straight from the features: the b x b cost gradient is never formed
+        return torch.stack(self._per_layer(partial(cosine_remd, check=self.check), student_feats, teacher_feats))
+    out = OT_SOLVERS[self.solver](self.cost(student_feats, teacher_feats), check=False, **self.solver_kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
-    def forward(self,
-        student_feats:Tensor|list, # `(b, ...)` features, or a list with one tensor per layer
-        teacher_feats:Tensor|list, # the teacher's, same layers and batch size (detached here)
-    )->Tensor: # scalar: the sum over layers
-        "Sum over layers of the OT values."
-        return self.layer_values(student_feats, teacher_feats).sum()
+@patch
+def forward(self:OTLoss,
+    student_feats:Tensor|list, # `(b, ...)` features, or a list with one tensor per layer
+    teacher_feats:Tensor|list, # the teacher's, same layers and batch size (detached here)
+)->Tensor: # scalar: the sum over layers
+    "Sum over layers of the OT values."
+    return self.layer_values(student_feats, teacher_feats).sum()
 
 # %% ../nbs/04_losses.ipynb #6ae72c30
 def hint_regressor(
@@ -356,18 +360,20 @@ class CCLoss(nn.Module):
         coef = [math.exp(-2 * self.gamma) * (2 * self.gamma) ** p / math.factorial(p) for p in range(self.order + 1)]
         return sum(a * c ** p for p, a in enumerate(coef))
 
-    def forward(self,
-        student_feats:Tensor, # `(b, ...)` student features, flattened to `(b, s_dim)`
-        teacher_feats:Tensor, # `(b, ...)` teacher features (detached here)
-    )->Tensor: # scalar
-        "CC loss between the embedded features."
-        s, t = one_pair(student_feats, teacher_feats, 'CCLoss')
-        es, et = self.embed_s(s.reshape(s.shape[0], -1)), self.embed_t(t.detach().reshape(t.shape[0], -1))
-        with no_autocast(es):
-            es, et = as_float32(es), as_float32(et)
-            if self.form == 'taylor': return F.mse_loss(self.kernel(es), self.kernel(et))
-            if es.shape != et.shape:
-                raise ValueError(f"form='crd' compares embeddings elementwise: got {tuple(es.shape)} and {tuple(et.shape)}.")
-            if es.shape[0] < 2: raise ValueError("form='crd' needs a batch of at least 2 samples.")
-            d = (es - et).abs()
-            return (d[:-1] * d[1:]).sum(1).mean()
+# %% ../nbs/04_losses.ipynb #81ec3d29
+@patch
+def forward(self:CCLoss,
+    student_feats:Tensor, # `(b, ...)` student features, flattened to `(b, s_dim)`
+    teacher_feats:Tensor, # `(b, ...)` teacher features (detached here)
+)->Tensor: # scalar
+    "CC loss between the embedded features."
+    s, t = one_pair(student_feats, teacher_feats, 'CCLoss')
+    es, et = self.embed_s(s.reshape(s.shape[0], -1)), self.embed_t(t.detach().reshape(t.shape[0], -1))
+    with no_autocast(es):
+        es, et = as_float32(es), as_float32(et)
+        if self.form == 'taylor': return F.mse_loss(self.kernel(es), self.kernel(et))
+        if es.shape != et.shape:
+            raise ValueError(f"form='crd' compares embeddings elementwise: got {tuple(es.shape)} and {tuple(et.shape)}.")
+        if es.shape[0] < 2: raise ValueError("form='crd' needs a batch of at least 2 samples.")
+        d = (es - et).abs()
+        return (d[:-1] * d[1:]).sum(1).mean()

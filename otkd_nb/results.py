@@ -44,6 +44,7 @@ def holm(
         run = max(run, min(1., (n - i) * p[j])); adj[j] = run
     return adj
 
+# %% ../nbs/12_results.ipynb #db48a7f6
 def comparisons(
     final:pd.DataFrame, # the final runs: method, seed and `metric` columns
     rows:tuple=OT_ROWS, # the rows compared with every other one
@@ -89,6 +90,7 @@ def _finished(root:Path, stage:str, study:dict|None=None):
 
 def _seconds(folder:Path)->int: return sum(time_seconds(x['time']) for x in log_rows(folder))
 
+# %% ../nbs/12_results.ipynb #024eefb3
 def load_records(
     records:str|Path, # the study's records folder, e.g. `results/fashion_mnist`
     order:list|None=None, # the methods in the order of the study's rows; None: as `study.json` lists them, else by name
@@ -194,6 +196,7 @@ def plot_results(
     fig.tight_layout()
     return fig
 
+# %% ../nbs/12_results.ipynb #726001c0
 def plot_tuning(
     tuning:pd.DataFrame, # the tuning runs
     choices:dict, # `tuning_choices(tuning)`
@@ -231,6 +234,7 @@ def plot_grad_norms(
     fig.tight_layout()
     return fig
 
+# %% ../nbs/12_results.ipynb #4210404e
 def plot_curves(
     records:str|Path, # the records folder
 ):
@@ -264,6 +268,7 @@ def schedule_check(
     if epochs not in g.index: return None
     return dict(epochs=epochs, longest=int(g.index.max()), gap=float(g.iloc[-1] - g.loc[epochs]), means=g.round(2).to_dict())
 
+# %% ../nbs/12_results.ipynb #5814dbd1
 def report_markdown(
     t:dict, # `load_records(...)`
     info:dict, # the study's description (`run_study` writes it to `study.json`)
@@ -312,6 +317,7 @@ def report_markdown(
         out += [f"| {m} | {k} | {r.get('start', math.nan):.3g} | {r.get('end', math.nan):.3g} |" for (m, k), r in gn.iterrows()]
     return '\n'.join(out) + '\n'
 
+# %% ../nbs/12_results.ipynb #bfc511a0
 def _png(fig)->bytes:
     import matplotlib.pyplot as plt
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=90); plt.close(fig)
@@ -344,6 +350,7 @@ def write_report(
     for k, v in files.items(): write_atomic(root/k, v)
     return sorted(files)
 
+# %% ../nbs/12_results.ipynb #bf162098
 def study_summary(
     records:str|Path, # the study's records folder
     level:float=0.95, # confidence level
