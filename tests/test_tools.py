@@ -23,3 +23,18 @@ def test_clean_outputs_are_found_clean_and_dirty_ones_are_named():
     texts = [''.join(o['text']) for o in dirty['cells'][0]['outputs']]
     assert texts == ['killed\n', 'in tmp/out\n']  # the stream of control codes alone is dropped
     assert not clean(dirty)  # cleaning twice changes nothing
+
+
+def test_a_figure_in_prose_must_agree_with_a_result_file_or_the_notebooks_own_output(tmp_path):
+    "tools/check_numbers.py: a quoted time, ratio or decimal accuracy that no source holds is named; one that rounds to a source passes."
+    import json
+    from check_numbers import figures, check
+    assert [f[0] for f in figures('IPOT takes 1.83 ms, 2.5x the cost ($0.5 ms$ in math and `3.1 ms` in code are not prose); 150 minutes')] == ['1.83 ms', '2.5x']
+    md = lambda s: {'id': 'm', 'cell_type': 'markdown', 'source': s}
+    out = {'id': 'c', 'cell_type': 'code', 'source': 'print(t)', 'outputs': [{'output_type': 'stream', 'name': 'stdout', 'text': ['ipot 1.8349 ms\n']}]}
+    p = tmp_path/'nb.ipynb'
+    p.write_text(json.dumps({'cells': [out, md('IPOT takes 1.83 ms.')]}))
+    assert check(p, set()) == []  # the output holds 1.8349, which rounds to 1.83
+    p.write_text(json.dumps({'cells': [out, md('IPOT takes 1.95 ms, 76.53% top-1.')]}))
+    assert check(p, set()) == [(1, '1.95 ms'), (1, '76.53%')]
+    assert check(p, {1.95, 0.7653}) == []  # a result file holding them (an accuracy as a fraction counts in percent)

@@ -3,7 +3,8 @@
 Run by `make test`: the notebooks are the source, so the package, the cleaned notebooks and README.md
 must be exactly what the tools make of them. Files are hashed before and after; nothing is reverted,
 so after a failure `git diff` shows what the tools changed (commit it, or fix the notebook). Saved outputs must be clean
-(`tools/clean_outputs.py`: no ANSI codes, progress-bar residue or absolute temporary paths).
+(`tools/clean_outputs.py`: no ANSI codes, progress-bar residue or absolute temporary paths), and every measured figure
+quoted in the notebooks' prose must agree with a committed result file or the notebook's own outputs (`tools/check_numbers.py`).
 """
 import hashlib, json, subprocess, sys
 from pathlib import Path
@@ -34,4 +35,6 @@ if dirty:
     print("Dirty outputs (re-run the cell, or clean the output by hand):")
     for f, (cell, what) in dirty: print(f"   {f}, cell {cell}: {what}")
     sys.exit(1)
+from check_numbers import main as check_numbers
+if check_numbers([]): sys.exit(1)
 print("notebooks, package and README.md are in sync; saved outputs are clean")
