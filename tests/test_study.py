@@ -1,5 +1,6 @@
 "The study's bookkeeping, without training: records reused only for the same request, time limits, the tuned methods and the options of a combined row."
-import json, time
+import json, shutil, subprocess, time
+from pathlib import Path
 import pytest
 from otkd_nb.study import Study, Runner, Pause, TUNING, tuned_methods, method_options, part_options, weight_grid, study_info
 from otkd_nb.runs import write_json
@@ -72,3 +73,12 @@ def test_records_of_an_earlier_setting_are_left_out_of_the_tables(tmp_path):
     t = load_records(tmp_path/'rec', study=asdict(s))
     assert t['final'].seed.tolist() == [0]  # the run on twice the images belongs to another setting
     assert len(load_records(tmp_path/'rec')['final']) == 2  # without the study's settings every record counts
+
+def test_the_records_of_finished_runs_are_not_ignored_by_git():
+    "The study continues on another machine from the records main holds, so git must not ignore them (while the runs' checkpoint folders stay out)."
+    root = Path(__file__).resolve().parents[1]
+    if not (root/'.git').exists() or shutil.which('git') is None: pytest.skip('not a git checkout')
+    def ignored(p): return subprocess.run(['git', 'check-ignore', '-q', p], cwd=root).returncode == 0
+    assert not ignored('results/fashion_mnist/runs/tune/kd/w0.9_default_s0/record.json')
+    assert not ignored('results/fashion_mnist/runs/teacher/metrics.json')
+    assert ignored('runs/study/teacher/last.pth')
