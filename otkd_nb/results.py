@@ -268,18 +268,14 @@ def schedule_check(
     if epochs not in g.index: return None
     return dict(epochs=epochs, longest=int(g.index.max()), gap=float(g.iloc[-1] - g.loc[epochs]), means=g.round(2).to_dict())
 
-# %% ../nbs/12_results.ipynb #5814dbd1
-def report_markdown(
-    t:dict, # `load_records(...)`
-    info:dict, # the study's description (`run_study` writes it to `study.json`)
-    level:float=0.95, # confidence level
-)->str:
-    "The study's report in markdown: the teacher, the schedule check, the tuning's choices, the table, the paired comparisons and their verdicts, the gradient norms."
-    s, out = info['study'], []
-    out += [f"# Fashion-MNIST comparison: {s['teacher']} -> {s['student']}", '',
-            f"{s['n_train']} training images per student, {s['epochs']} epochs, batch {s['bs']}; tuning on a holdout split with seeds "
-            f"{', '.join(map(str, s['tune_seeds']))}; final rows with seeds {', '.join(map(str, s['seeds']))} on the 10,000 test images. "
-            f"Code: commit {info.get('commit')}."]
+# %% ../nbs/12_results.ipynb #f257c726
+def _report_head(t:dict, info:dict)->list:
+    "The report's title and settings, the teacher, and the schedule check."
+    s = info['study']
+    out = [f"# Fashion-MNIST comparison: {s['teacher']} -> {s['student']}", '',
+           f"{s['n_train']} training images per student, {s['epochs']} epochs, batch {s['bs']}; tuning on a holdout split with seeds "
+           f"{', '.join(map(str, s['tune_seeds']))}; final rows with seeds {', '.join(map(str, s['seeds']))} on the 10,000 test images. "
+           f"Code: commit {info.get('commit')}."]
     if not t['teacher'].empty:
         r = t['teacher'].iloc[0]
         out += ['', f"**Teacher** ({r.model}, {s['teacher_n_train']} images, {r.epochs} epochs, trained once): holdout accuracy "
@@ -288,34 +284,53 @@ def report_markdown(
     if sc: out += ['', f"**Schedule**: the student alone reaches " + ', '.join(f"{v:.2f}% in {e} epochs" for e, v in sc['means'].items())
                    + f" (mean holdout accuracy over the tuning seeds); the study's {sc['epochs']} epochs are {sc['gap']:.2f} points below the "
                    f"{sc['longest']}-epoch schedule" + (", short of convergence: the budget did not allow more." if sc['gap'] > 0.5 else ".")]
-    ch = tuning_choices(t['tuning'], len(s['tune_seeds']))
-    if not t['tuning'].empty:
-        out += ['', '## Tuning (holdout split, mean of the tuning seeds)', '', '| method | weights tried | structure | choice | holdout accuracy (%) | runs |',
-                '|---|---|---|---|---|---|']
-        for m, d in t['tuning'].groupby('method', sort=False):
-            k = info['tuning'][m]
-            c = ch.get(m)
-            pick = (f"weight {c['weight']:g}, {k['choice']} {k[c['structure']]}" if c else 'not finished')
-            out.append(f"| {m} | {', '.join(f'{w:g}' for w in sorted(d.weight[d.structure == 'default'].unique()))} | {k['choice']}: "
-                       f"{k['default']} or {k['alternative']} | {pick} | {100 * c['holdout_accuracy']:.2f} |" .replace('| |', '| - |')
-                       if c else f"| {m} | {', '.join(f'{w:g}' for w in sorted(d.weight.unique()))} | {k['choice']} | {pick} | - |")
-            out[-1] += f" {len(d)} |"
-    if not t['final'].empty:
-        sm = summary(t['final'])
-        out += ['', '## Final rows (test set)', '', '| method | last epoch (%), mean ± std | best epoch (%), mean ± std | vs student | vs KD | seeds |',
-                '|---|---|---|---|---|---|']
-        for m, r in sm.iterrows():
-            vs = lambda k: '' if k not in r or pd.isna(r[k]) or m == k[3:] else f"{r[k]:+.2f}"
-            out.append(f"| {m} | {r['mean']:.2f} ± {r['std']:.2f} | {r['best_mean']:.2f} ± {r['best_std']:.2f} | {vs('vs_student')} | {vs('vs_kd')} | {int(r['n'])} |")
-        out += ['', "The table leads with the last epoch's accuracy: the best epoch is chosen on the test set itself, which flatters every row "
-                "(the benchmark's code prints the best)."]
-        c = comparisons(t['final'], level=level)
-        if len(c): out += ['', f'## Paired comparisons (last epoch, {100 * level:.0f}% confidence intervals)', ''] + [f"- {v}." for v in c.verdict]
+    return out
+
+def _tuning_section(t:dict, info:dict)->list:
+    "One row per tuned method: the weights tried, the structural choice, what won and its holdout accuracy."
+    if t['tuning'].empty: return []
+    ch = tuning_choices(t['tuning'], len(info['study']['tune_seeds']))
+    out = ['', '## Tuning (holdout split, mean of the tuning seeds)', '',
+           '| method | weights tried | structure | choice | holdout accuracy (%) | runs |', '|---|---|---|---|---|---|']
+    for m, d in t['tuning'].groupby('method', sort=False):
+        k, c = info['tuning'][m], ch.get(m)
+        if c: row = (f"| {m} | {', '.join(f'{w:g}' for w in sorted(d.weight[d.structure == 'default'].unique()))} | {k['choice']}: "
+                     f"{k['default']} or {k['alternative']} | weight {c['weight']:g}, {k['choice']} {k[c['structure']]} | "
+                     f"{100 * c['holdout_accuracy']:.2f} |").replace('| |', '| - |')
+        else: row = f"| {m} | {', '.join(f'{w:g}' for w in sorted(d.weight.unique()))} | {k['choice']} | not finished | - |"
+        out.append(row + f" {len(d)} |")
+    return out
+
+# %% ../nbs/12_results.ipynb #5a0a57d1
+def _final_section(t:dict, level:float)->list:
+    "The final rows' table (last and best epoch) and the verdicts of the paired comparisons."
+    if t['final'].empty: return []
+    sm = summary(t['final'])
+    out = ['', '## Final rows (test set)', '', '| method | last epoch (%), mean ± std | best epoch (%), mean ± std | vs student | vs KD | seeds |',
+           '|---|---|---|---|---|---|']
+    for m, r in sm.iterrows():
+        vs = lambda k: '' if k not in r or pd.isna(r[k]) or m == k[3:] else f"{r[k]:+.2f}"
+        out.append(f"| {m} | {r['mean']:.2f} ± {r['std']:.2f} | {r['best_mean']:.2f} ± {r['best_std']:.2f} | {vs('vs_student')} | {vs('vs_kd')} | {int(r['n'])} |")
+    out += ['', "The table leads with the last epoch's accuracy: the best epoch is chosen on the test set itself, which flatters every row "
+            "(the benchmark's code prints the best)."]
+    c = comparisons(t['final'], level=level)
+    if len(c): out += ['', f'## Paired comparisons (last epoch, {100 * level:.0f}% confidence intervals)', ''] + [f"- {v}." for v in c.verdict]
+    return out
+
+def _pull_section(t:dict)->list:
+    "Each weighted term's gradient norm on the student at the start and the end of training."
     gn = grad_norm_table(t['grad_norms'])
-    if len(gn):
-        out += ['', "## Each term's pull on the student (weight x gradient norm, mean over seeds)", '', '| method | term | start | end |', '|---|---|---|---|']
-        out += [f"| {m} | {k} | {r.get('start', math.nan):.3g} | {r.get('end', math.nan):.3g} |" for (m, k), r in gn.iterrows()]
-    return '\n'.join(out) + '\n'
+    if not len(gn): return []
+    return (['', "## Each term's pull on the student (weight x gradient norm, mean over seeds)", '', '| method | term | start | end |', '|---|---|---|---|']
+            + [f"| {m} | {k} | {r.get('start', math.nan):.3g} | {r.get('end', math.nan):.3g} |" for (m, k), r in gn.iterrows()])
+
+def report_markdown(
+    t:dict, # `load_records(...)`
+    info:dict, # the study's description (`run_study` writes it to `study.json`)
+    level:float=0.95, # confidence level
+)->str:
+    "The study's report in markdown: the teacher, the schedule check, the tuning's choices, the table, the paired comparisons and their verdicts, the gradient norms."
+    return '\n'.join(_report_head(t, info) + _tuning_section(t, info) + _final_section(t, level) + _pull_section(t)) + '\n'
 
 # %% ../nbs/12_results.ipynb #bfc511a0
 def _png(fig)->bytes:

@@ -6,8 +6,8 @@ Docs: https://otkd-nb.github.io/otkd_nb/study.html.md"""
 
 # %% ../nbs/12a_study.ipynb #4aed444d
 from __future__ import annotations
-import argparse, hashlib, io, json, os, subprocess, sys, time
-from dataclasses import dataclass, asdict, replace
+import hashlib, io, json, subprocess, time
+from dataclasses import dataclass, asdict
 from pathlib import Path
 import pandas as pd, torch
 from fastai.callback.core import Callback, CancelFitException
@@ -15,20 +15,18 @@ from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner, defaults
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
+from fastcore.basics import patch
 from .models import feature_layers, get_model, load_teacher, model_name
 from .callbacks import DistillCallback
-from .train import RECIPES, canonical_method, parse_method, method_callbacks
+from .train import RECIPES, parse_method, method_callbacks
 from .runs import write_atomic, write_json, read_json, log_rows, time_seconds
-from .fit import train_teacher, fit_run, distill, get_dls, fit_or_reuse
-from .cli import threads_arg
-from .results import OT_ROWS, summary, comparisons, tuning_choices, write_report
+from .fit import train_teacher, distill, get_dls, fit_or_reuse
 
 # %% auto #0
-__all__ = ['RESULT_METHODS', 'TUNING', 'COMBINED', 'LAYER_CHOICES', 'RECORD_FILES', 'STAGES', 'Study', 'Knob', 'part_options',
+__all__ = ['RESULT_METHODS', 'TUNING', 'COMBINED', 'LAYER_CHOICES', 'RECORD_FILES', 'MOVED', 'Study', 'Knob', 'part_options',
            'term_grad_norms', 'TermGradNorms', 'mean_grad_norms', 'NoRawLog', 'EpochLine', 'Pause', 'git_commit',
            'Runner', 'sha256', 'teacher_path', 'run_teacher', 'common', 'run_schedule', 'calibrate', 'ot_grid',
-           'weight_grid', 'setting_name', 'tune_method', 'method_options', 'run_final', 'tuned_methods', 'run_study',
-           'study_info', 'load_tuning', 'results_parser', 'main']
+           'weight_grid', 'setting_name', 'tune_method', 'method_options']
 
 # %% ../nbs/12a_study.ipynb #03bfefcc
 RESULT_METHODS = ('student', 'kd', 'fitnet+kd', 'rkd+kd', 'pkt+kd', 'crd+kd', 'remd+kd', 'ipot+kd', 'ipot+crd+kd')
@@ -91,7 +89,7 @@ def part_options(
         opts.update(student_layers=feature_layers(study.student)[LAYER_CHOICES[k]], teacher_layers=feature_layers(study.teacher)[LAYER_CHOICES[k]])
     return opts
 
-# %% ../nbs/12a_study.ipynb #3257ab56
+# %% ../nbs/12a_study.ipynb #d7b2dfc6
 def term_grad_norms(
     learn:Learner, # a learner inside `after_loss`, its distillation callbacks having computed this batch's terms
 )->dict: # `{term: {'weight': w, 'grad_norm': |grad of the unweighted term|}}`, 'ce' (the task loss) first
@@ -108,6 +106,7 @@ def term_grad_norms(
         res[k] = dict(weight=float(w), grad_norm=float(torch.sqrt(sum(g.float().pow(2).sum() for g in gs))) if gs else 0.)
     return res
 
+# %% ../nbs/12a_study.ipynb #a323d212
 class TermGradNorms(Callback):
     "Record `term_grad_norms` on the first `n_batches` training batches of the first epoch ('start') and of the last ('end')."
     order, run_valid = 6, False  # after the distillation callbacks (order 5) have added their terms
@@ -165,7 +164,7 @@ def git_commit(path:str|Path='.')->str|None:
         return c.stdout.strip() + ('+changes' if dirty else '')
     except (OSError, subprocess.SubprocessError): return None
 
-# %% ../nbs/12a_study.ipynb #d1551b24
+# %% ../nbs/12a_study.ipynb #1d4aac06
 class Runner:
     "Runs a study's trainings: each in its resumable folder under `out`, its small record (config, log, metrics, gradient norms) copied to `records`."
     def __init__(self,
@@ -186,40 +185,44 @@ class Runner:
 
     def record(self, name:str)->Path: return self.records/'runs'/name
 
-    def reuse(self, name:str, request:dict)->dict|None:
-        "The metrics of the finished run `name` if its record answers this very request."
-        rec = self.record(name)
-        if self.fresh or not (rec/'record.json').exists(): return None
-        if read_json(rec/'record.json').get('request') != request: return None
-        return {**read_json(rec/'metrics.json'), 'out': str(rec)}
+# %% ../nbs/12a_study.ipynb #5dea5e4a
+@patch
+def reuse(self:Runner, name:str, request:dict)->dict|None:
+    "The metrics of the finished run `name` if its record answers this very request."
+    rec = self.record(name)
+    if self.fresh or not (rec/'record.json').exists(): return None
+    if read_json(rec/'record.json').get('request') != request: return None
+    return {**read_json(rec/'metrics.json'), 'out': str(rec)}
 
-    def run(self,
-        name:str, # the run's path below `out` and the records' `runs/`, e.g. 'tune/kd/w0.9_default_s0'
-        f, # `train_teacher` or `distill`
-        **kwargs, # the run's arguments (besides out, data, device, threads, cbs)
-    )->dict: # the run's metrics, `out` its record's folder
-        "The run `name`: reused from its record, else trained (resumed if interrupted) and recorded."
-        request = json.loads(json.dumps(dict(f=f.__name__, **{k: v for k, v in kwargs.items() if k != 'teacher_ckpt'}), default=str))
-        if kwargs.get('teacher_ckpt') is not None: request['teacher_sha256'] = sha256(kwargs['teacher_ckpt'])
-        r = self.reuse(name, request)
-        if r is not None: return r
-        if self.max_minutes is not None and time.time() - self.t0 > 60 * self.max_minutes:
-            raise Pause(f"{self.max_minutes:g} minutes are up; run the same command again to continue (finished runs are kept).")
-        folder = self.out/name
-        cbs = [TermGradNorms(folder/'grad_norms.json')]
-        old = defaults.callbacks
-        if self.quiet:
-            cbs += [NoRawLog(), EpochLine(name)]
-            defaults.callbacks = [c for c in old if c is not ProgressCallback]
-        try: r = fit_or_reuse(f, self.fresh, out=folder, data=self.data, device='cpu', threads=self.threads, cbs=cbs, **kwargs)
-        finally: defaults.callbacks = old
-        rec = self.record(name); rec.mkdir(parents=True, exist_ok=True)
-        (rec/'record.json').unlink(missing_ok=True)  # the record is whole only once record.json is written, last
-        for fn in RECORD_FILES:
-            if (folder/fn).exists(): write_atomic(rec/fn, (folder/fn).read_text())
-        write_json(rec/'record.json', dict(request=request, commit=self.commit, finished=time.strftime('%Y-%m-%d %H:%M:%S')))
-        self.trained += 1
-        return {**r, 'out': str(rec)}
+# %% ../nbs/12a_study.ipynb #7f17e996
+@patch
+def run(self:Runner,
+    name:str, # the run's path below `out` and the records' `runs/`, e.g. 'tune/kd/w0.9_default_s0'
+    f, # `train_teacher` or `distill`
+    **kwargs, # the run's arguments (besides out, data, device, threads, cbs)
+)->dict: # the run's metrics, `out` its record's folder
+    "The run `name`: reused from its record, else trained (resumed if interrupted) and recorded."
+    request = json.loads(json.dumps(dict(f=f.__name__, **{k: v for k, v in kwargs.items() if k != 'teacher_ckpt'}), default=str))
+    if kwargs.get('teacher_ckpt') is not None: request['teacher_sha256'] = sha256(kwargs['teacher_ckpt'])
+    r = self.reuse(name, request)
+    if r is not None: return r
+    if self.max_minutes is not None and time.time() - self.t0 > 60 * self.max_minutes:
+        raise Pause(f"{self.max_minutes:g} minutes are up; run the same command again to continue (finished runs are kept).")
+    folder = self.out/name
+    cbs = [TermGradNorms(folder/'grad_norms.json')]
+    old = defaults.callbacks
+    if self.quiet:
+        cbs += [NoRawLog(), EpochLine(name)]
+        defaults.callbacks = [c for c in old if c is not ProgressCallback]
+    try: r = fit_or_reuse(f, self.fresh, out=folder, data=self.data, device='cpu', threads=self.threads, cbs=cbs, **kwargs)
+    finally: defaults.callbacks = old
+    rec = self.record(name); rec.mkdir(parents=True, exist_ok=True)
+    (rec/'record.json').unlink(missing_ok=True)  # the record is whole only once record.json is written, last
+    for fn in RECORD_FILES:
+        if (folder/fn).exists(): write_atomic(rec/fn, (folder/fn).read_text())
+    write_json(rec/'record.json', dict(request=request, commit=self.commit, finished=time.strftime('%Y-%m-%d %H:%M:%S')))
+    self.trained += 1
+    return {**r, 'out': str(rec)}
 
 def sha256(path:str|Path)->str:
     "The SHA-256 of a file, in hex."
@@ -289,7 +292,7 @@ def ot_grid(
     hi = max(fitnet_weight * norms['fitnet'] / norms[part], span * lo)
     return tuple(float(f"{lo * (hi / lo) ** (i / (n - 1)):.2g}") for i in range(n))
 
-# %% ../nbs/12a_study.ipynb #fa6934e7
+# %% ../nbs/12a_study.ipynb #bdc690f4
 def weight_grid(
     method:str, # a key of `TUNING`
     study:Study, # gives the multipliers
@@ -304,6 +307,7 @@ def weight_grid(
 
 def setting_name(weight:float, structure:str)->str: return f"w{weight:g}_{structure}"
 
+# %% ../nbs/12a_study.ipynb #9ecee9b1
 def tune_method(
     runner:Runner, # the runner
     method:str, # a key of `TUNING`
@@ -327,6 +331,7 @@ def tune_method(
     trial(float(best), 'alternative')
     return pd.DataFrame(rows)
 
+# %% ../nbs/12a_study.ipynb #ee24f0fa
 def method_options(
     method:str, # a final row
     study:Study, # the study
@@ -338,151 +343,12 @@ def method_options(
     k, c = TUNING[method], choices[method]
     return {k.part: part_options(study, dict(weight=c['weight'], **(k.default if c['structure'] == 'default' else k.alternative)))}
 
-# %% ../nbs/12a_study.ipynb #59220c19
-def run_final(
-    runner:Runner, # the runner
-    choices:dict, # `tuning_choices` of the finished tuning
-)->list: # the runs' metrics
-    "The final rows on the test set, seed by seed (so that a paused study holds whole seeds): the student alone and every method at its tuned setting."
-    s, res = runner.study, []
-    for seed in s.seeds:
-        for m in map(canonical_method, s.methods):
-            if m == 'student': r = runner.run(f'final/student/s{seed}', train_teacher, model=s.student, epochs=s.epochs, seed=seed, **common(s, 'test'))
-            else: r = runner.run(f'final/{m}/s{seed}', distill, student=s.student, teacher=s.teacher, teacher_ckpt=teacher_path(runner), method=m,
-                                 epochs=s.epochs, seed=seed, options=method_options(m, s, choices), **common(s, 'test'))
-            res.append(r)
-    return res
+# %% ../nbs/12a_study.ipynb #e3665d9e
+MOVED = ('run_final', 'tuned_methods', 'STAGES', 'run_study', 'study_info', 'load_tuning', 'results_parser', 'main', 'study_lock')
 
-def tuned_methods(study:Study)->list:
-    "The methods of `TUNING` that the study's rows need: their own, and those whose settings a combined row takes."
-    ms = set(map(canonical_method, study.methods))
-    need = ms | {p for m in ms for p in COMBINED.get(m, ())}
-    return [m for m in TUNING if m in need]
-
-def _lock(out:Path)->Path:
-    "Refuse to start while another `otkd-results` works in `out`; returns the lock file."
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out/'results.pid'
-    if lock.exists():
-        try: pid = int(lock.read_text())
-        except ValueError: pid = None
-        if pid and pid != os.getpid():
-            try: os.kill(pid, 0); alive = True
-            except ProcessLookupError: alive = False
-            except PermissionError: alive = True
-            if alive: raise RuntimeError(f"Another otkd-results (pid {pid}) is working in {out}; wait for it, or stop it "
-                                         f"(kill {pid}) and start again: finished runs are kept.")
-    write_atomic(lock, str(os.getpid()))
-    return lock
-
-STAGES = ('tune', 'final', 'all')
-
-def run_study(
-    study:Study=Study(), # what to run
-    stage:str='all', # 'tune' (teacher, schedules, calibration, tuning), 'final' (the rows, once tuning is done), or 'all'
-    out:str|Path='runs/study', # the runs' folders
-    records:str|Path='results/fashion_mnist', # the records, the teacher's weights, the tables and the plots
-    data:str|Path|None=None, # Fashion-MNIST's folder; None: the usual search
-    threads:int|str='auto', # PyTorch CPU threads, or 'auto'
-    fresh:bool=False, # retrain everything
-    quiet:bool=False, # one line per epoch (for a log file)
-    max_minutes:float|None=None, # start no run after this many minutes; call again to continue
-    plot:bool=True, # save the figures
-)->dict: # what `write_report` wrote, and whether the stage finished
-    "Run a stage of the study (resumable, at most `max_minutes`), then rewrite the tables and plots from every record so far."
-    if stage not in STAGES: raise ValueError(f"stage must be one of {STAGES}, not {stage!r}.")
-    runner = Runner(study, out, records, data, threads, fresh, quiet, max_minutes)
-    lock, done = _lock(Path(out)), False
-    try:
-        run_teacher(runner)
-        if stage in ('tune', 'all'):
-            run_schedule(runner)
-            norms = calibrate(runner)
-            for m in tuned_methods(study): tune_method(runner, m, norms)
-        tuning = load_tuning(runner)
-        if stage in ('final', 'all'):
-            missing = [m for m in tuned_methods(study) if m not in tuning_choices(tuning, len(study.tune_seeds))]
-            if missing: raise ValueError(f"The tuning of {missing} is not finished: run the 'tune' stage first (`make results-tune`).")
-            run_final(runner, tuning_choices(tuning, len(study.tune_seeds)))
-        done = True
-    except Pause as e: print(f"Paused: {e}", flush=True)
-    finally:
-        lock.unlink(missing_ok=True)
-        written = write_report(runner.records, study_info(study, stage, done, runner.commit), plot=plot)
-    print(f"{'Finished' if done else 'Paused'} stage {stage!r} after {(time.time() - runner.t0) / 60:.1f} min ({runner.trained} runs trained); "
-          f"the report is in {runner.records}/.", flush=True)
-    return dict(written=written, finished=done)
-
-def study_info(
-    study:Study, # the study
-    stage:str, # the stage last run
-    finished:bool, # whether it finished
-    commit:str|None, # the code's commit
-)->dict: # what `write_report` keeps in `study.json`
-    "The study's description for its report: its settings, how each method is tuned, and how many runs each stage has."
-    tuned = tuned_methods(study)
-    n_tune = sum((3 if TUNING[m].weight is None else len(study.multipliers)) + 1 for m in tuned) * len(study.tune_seeds)
-    return dict(study=asdict(study), stage=stage, finished=finished, commit=commit, tuned=tuned,
-                expected=dict(tuning=n_tune, final=len(study.methods) * len(study.seeds)),
-                tuning={m: dict(part=k.part, choice=k.choice, default=k.default, alternative=k.alternative) for m, k in TUNING.items() if m in tuned})
-
-def load_tuning(runner:Runner)->pd.DataFrame:
-    "The tuning table as its records hold it."
-    from otkd_nb.results import load_records
-    return load_records(runner.records)['tuning']
-
-# %% ../nbs/12a_study.ipynb #c5cc5479
-def _list(s:str, f)->tuple: return tuple(f(x.strip()) for x in str(s).split(',') if x.strip())
-
-def results_parser()->argparse.ArgumentParser:
-    "The options of `otkd-results`."
-    d = Study()
-    p = argparse.ArgumentParser(prog='otkd-results', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="The comparison on Fashion-MNIST on a CPU, in two resumable stages. 'tune': train the shared teacher, the student "
-                    "alone with several schedules, calibrate the OT weight grid on gradient norms, and tune every method on a holdout "
-                    "split (its weight grid and one structural choice, two seeds each). 'final': every row with every seed on the test "
-                    "set. After each call the records, tables and plots in --records are rewritten from every finished run.",
-        epilog="Run the same command again after an interruption or a --max-minutes pause: finished runs are reused from their records, "
-               "an interrupted one continues from its last epoch.")
-    p.add_argument('--stage', default='all', choices=STAGES, help="what to run")
-    p.add_argument('--max-minutes', type=float, default=None, help='start no new run after this many minutes (then call again)')
-    p.add_argument('--out', default='runs/study', help="the runs' folders (checkpoints)")
-    p.add_argument('--records', default='results/fashion_mnist', help="the finished runs' records, the teacher's weights, the tables and plots")
-    p.add_argument('--data', default=None, help="Fashion-MNIST's folder; None: search $OTKD_DATA/fashion_mnist, the cache folder, /usr/share/datasets/fashion-mnist")
-    p.add_argument('--teacher', default=d.teacher, help='the teacher, a zoo name')
-    p.add_argument('--student', default=d.student, help='the student, a zoo name')
-    p.add_argument('--methods', default=','.join(d.methods), help='the final rows after the teacher, comma-separated')
-    p.add_argument('--seeds', default=','.join(map(str, d.seeds)), help='seeds of the final rows')
-    p.add_argument('--tune-seeds', default=','.join(map(str, d.tune_seeds)), help='seeds of every tuning run')
-    p.add_argument('--n-train', type=int, default=d.n_train, help="each student's training images")
-    p.add_argument('--n-valid', type=int, default=d.n_valid, help='test (and holdout) images of each run; None: all')
-    p.add_argument('--teacher-n-train', type=int, default=d.teacher_n_train, help="the teacher's training images")
-    p.add_argument('--teacher-epochs', type=int, default=d.teacher_epochs, help="the teacher's epochs")
-    p.add_argument('--epochs', type=int, default=d.epochs, help="each student's epochs")
-    p.add_argument('--schedule-epochs', default=','.join(map(str, d.schedule_epochs)), help="the student alone's schedules shown beside --epochs")
-    p.add_argument('--bs', type=int, default=d.bs, help='batch size')
-    p.add_argument('--multipliers', default=','.join(f'{m:g}' for m in d.multipliers), help="a baseline's weight grid, in multiples of its default")
-    p.add_argument('--calib-batches', type=int, default=d.calib_batches, help='batches of the gradient calibration of the OT weight grid')
-    p.add_argument('--threads', type=threads_arg, default='auto', help="PyTorch CPU threads, or 'auto': all cores while the machine is otherwise idle, one while other processes keep a core busy")
-    p.add_argument('--fresh', action='store_true', help='retrain everything instead of reusing finished runs')
-    p.add_argument('--quiet', action='store_true', help='one line per epoch instead of progress bars (for a log file)')
-    p.add_argument('--no-plot', action='store_true', help='do not save the figures')
-    return p
-
-def main(argv:list|None=None)->int:
-    "The command line `otkd-results`."
-    p = results_parser(); a = p.parse_args(argv)
-    try:
-        study = Study(a.teacher, a.student, a.n_train, a.n_valid, a.teacher_n_train, a.teacher_epochs, a.epochs, _list(a.schedule_epochs, int),
-                      a.bs, _list(a.tune_seeds, int), _list(a.seeds, int), _list(a.methods, canonical_method), _list(a.multipliers, float),
-                      a.calib_batches)
-        model_name(study.teacher); model_name(study.student)
-        if len(study.tune_seeds) < 2: raise ValueError('--tune-seeds needs at least two seeds: a setting is chosen on the mean of two or more')
-        if not study.seeds or not study.multipliers: raise ValueError('--seeds and --multipliers need at least one value')
-        if a.max_minutes is not None and a.max_minutes <= 0: raise ValueError('--max-minutes must be positive')
-    except ValueError as e: p.error(str(e))
-    import matplotlib; matplotlib.use('Agg')
-    try: run_study(study, a.stage, a.out, a.records, a.data, a.threads, a.fresh, a.quiet, a.max_minutes, not a.no_plot)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"otkd-results: error: {e}", file=sys.stderr); return 1
-    return 0
+def __getattr__(name):
+    "The names that moved to `otkd_nb.study_run`, imported from there when asked for (that module imports this one)."
+    if name in MOVED:
+        from otkd_nb import study_run
+        return getattr(study_run, name)
+    raise AttributeError(f"module 'otkd_nb.study' has no attribute {name!r}")

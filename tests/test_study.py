@@ -2,7 +2,8 @@
 import json, shutil, subprocess, time
 from pathlib import Path
 import pytest
-from otkd_nb.study import Study, Runner, Pause, TUNING, tuned_methods, method_options, part_options, weight_grid, study_info
+from otkd_nb.study import Study, Runner, Pause, TUNING, method_options, part_options, weight_grid
+from otkd_nb.study_run import tuned_methods, study_info
 from otkd_nb.runs import write_json
 
 
@@ -82,3 +83,10 @@ def test_the_records_of_finished_runs_are_not_ignored_by_git():
     assert not ignored('results/fashion_mnist/runs/tune/kd/w0.9_default_s0/record.json')
     assert not ignored('results/fashion_mnist/runs/teacher/metrics.json')
     assert ignored('runs/study/teacher/last.pth')
+
+
+def test_the_names_that_moved_to_study_run_still_import_from_study():
+    import otkd_nb.study, otkd_nb.study_run
+    from otkd_nb.study import main, run_study
+    assert main is otkd_nb.study_run.main and run_study is otkd_nb.study_run.run_study
+    with pytest.raises(AttributeError, match='no attribute'): otkd_nb.study.no_such_name

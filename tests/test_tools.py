@@ -38,3 +38,24 @@ def test_a_figure_in_prose_must_agree_with_a_result_file_or_the_notebooks_own_ou
     p.write_text(json.dumps({'cells': [out, md('IPOT takes 1.95 ms, 76.53% top-1.')]}))
     assert check(p, set()) == [(1, '1.95 ms'), (1, '76.53%')]
     assert check(p, {1.95, 0.7653}) == []  # a result file holding them (an accuracy as a fraction counts in percent)
+
+
+def test_the_layout_check_names_long_modules_long_cells_private_and_backward_imports(tmp_path, monkeypatch):
+    import json, check_layout
+    (tmp_path/'nbs').mkdir(); (tmp_path/'otkd_nb').mkdir()
+    def notebook(name, exp, *cells):
+        src = [f'#| default_exp {exp}'] + list(cells)
+        (tmp_path/'nbs'/name).write_text(json.dumps({'cells': [{'cell_type': 'code', 'source': s} for s in src]}))
+    notebook('00_a.ipynb', 'a', '#| export\n' + 'x = 1\n' * 41)
+    notebook('01_b.ipynb', 'b', '#| export\ny = 2')
+    (tmp_path/'otkd_nb'/'a.py').write_text('from .b import y\n' + 'z = 0\n' * 400)
+    (tmp_path/'otkd_nb'/'b.py').write_text('from otkd_nb.a import _hidden, x\n')
+    monkeypatch.setattr(check_layout, 'root', tmp_path)
+    found = check_layout.problems()
+    assert found == ['otkd_nb/a.py: 401 lines (at most 400)',
+                     'otkd_nb/a.py imports otkd_nb.b, which comes after it in reading order',
+                     'otkd_nb/b.py imports private _hidden from otkd_nb.a',
+                     'nbs/00_a.ipynb, cell 1: an export cell of 42 lines (at most 40)'], found
+    (tmp_path/'otkd_nb'/'a.py').write_text('z = 0\n'); (tmp_path/'otkd_nb'/'b.py').write_text('from otkd_nb.a import x\n')
+    notebook('00_a.ipynb', 'a', '#| export\nx = 1')
+    assert check_layout.problems() == []

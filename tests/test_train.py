@@ -9,7 +9,7 @@ from otkd_nb.runs import RUN_FILES
 from otkd_nb.fit import distill, train_teacher
 from otkd_nb.cli import train_teacher_main, distill_main, demo_main
 from otkd_nb.data import write_fake_cifar100
-from otkd_nb.study import main as results_main, _lock
+from otkd_nb.study_run import main as results_main, study_lock
 from otkd_nb.models import get_model
 
 BIN = Path(sys.executable).parent
@@ -110,9 +110,9 @@ def test_results_refuses_a_second_call_in_the_same_folder(tmp_path):
     child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
     try:
         (tmp_path/'results.pid').write_text(str(child.pid))
-        with pytest.raises(RuntimeError, match=f'pid {child.pid}'): _lock(tmp_path)
+        with pytest.raises(RuntimeError, match=f'pid {child.pid}'): study_lock(tmp_path)
     finally: child.kill(); child.wait()
-    lock = _lock(tmp_path)  # the process is gone: its stale lock is taken over
+    lock = study_lock(tmp_path)  # the process is gone: its stale lock is taken over
     assert lock.read_text() == str(os.getpid())
 
 

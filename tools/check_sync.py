@@ -5,6 +5,8 @@ must be exactly what the tools make of them. Files are hashed before and after; 
 so after a failure `git diff` shows what the tools changed (commit it, or fix the notebook). Saved outputs must be clean
 (`tools/clean_outputs.py`: no ANSI codes, progress-bar residue or absolute temporary paths), and every measured figure
 quoted in the notebooks' prose must agree with a committed result file or the notebook's own outputs (`tools/check_numbers.py`).
+The package keeps the house layout (`tools/check_layout.py`: modules within 400 lines, export cells within 40, no private or
+backward imports between modules).
 """
 import hashlib, json, subprocess, sys
 from pathlib import Path
@@ -37,4 +39,6 @@ if dirty:
     sys.exit(1)
 from check_numbers import main as check_numbers
 if check_numbers([]): sys.exit(1)
+from check_layout import main as check_layout
+if check_layout(): sys.exit(1)
 print("notebooks, package and README.md are in sync; saved outputs are clean")
