@@ -113,8 +113,8 @@ class IPOTCallback(OTCallback):
         n_iter:int=100, # IPOT iterations
         ce_weight:float|None=None, # weight of the task loss; None leaves it as it is
         graph:bool|None=None, # replay the term from CUDA graphs (see `OTCallback`); None: on CUDA
-        compile:bool=False, # CPU training: fuse IPOT's loop with `torch.compile` (see `otkd_nb.ipot`), compiled once per batch shape
-        triton:bool=False, # CUDA training: IPOT's whole loop as one Triton kernel (see `otkd_nb.ipot`; batches up to `TRITON_MAX`)
+        compile:bool=False, # CPU training: fuse IPOT's loop with `torch.compile` (see `otkd_nb.fast`), compiled once per batch shape
+        triton:bool=False, # CUDA training: IPOT's whole loop as one Triton kernel (see `otkd_nb.fast`; batches up to `TRITON_MAX`)
     ): super().__init__(teacher, weight, student_layers, teacher_layers, 'ipot', ce_weight, graph, beta=beta, n_iter=n_iter, compile=compile, triton=triton)
 
 # %% ../nbs/06_callbacks.ipynb #a098dcae
