@@ -275,7 +275,7 @@ def _report_head(t:dict, info:dict)->list:
     out = [f"# Fashion-MNIST comparison: {s['teacher']} -> {s['student']}", '',
            f"{s['n_train']} training images per student, {s['epochs']} epochs, batch {s['bs']}; tuning on a holdout split with seeds "
            f"{', '.join(map(str, s['tune_seeds']))}; final rows with seeds {', '.join(map(str, s['seeds']))} on the 10,000 test images. "
-           f"Code: commit {info.get('commit')}."]
+           f"Code: the last call ran on commit {info.get('commit')}; each run's record (`runs/*/record.json`) names the commit it ran on."]
     if not t['teacher'].empty:
         r = t['teacher'].iloc[0]
         out += ['', f"**Teacher** ({r.model}, {s['teacher_n_train']} images, {r.epochs} epochs, trained once): holdout accuracy "
@@ -376,7 +376,7 @@ def study_summary(
     info = read_json(root/'study.json'); t = load_records(root, info['study']['methods'], info['study'])
     s, exp, out = info['study'], info.get('expected', {}), []
     out.append(f"Runs finished: {len(t['tuning'])} of {exp.get('tuning', '?')} tuning runs, {len(t['final'])} of {exp.get('final', '?')} final runs "
-               f"(code: commit {info.get('commit')}).")
+               f"(the last call's code: commit {info.get('commit')}; each run's record names its own).")
     if not t['teacher'].empty:
         r = t['teacher'].iloc[0]
         out.append(f"The shared teacher ({r.model}): {100 * r.test_accuracy:.2f}% test accuracy.")

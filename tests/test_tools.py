@@ -23,6 +23,8 @@ def test_clean_outputs_are_found_clean_and_dirty_ones_are_named():
     texts = [''.join(o['text']) for o in dirty['cells'][0]['outputs']]
     assert texts == ['killed\n', 'in tmp/out\n']  # the stream of control codes alone is dropped
     assert not clean(dirty)  # cleaning twice changes nothing
+    warned = nb('/venv/lib/python3.11/site-packages/torch/jit/_script.py:1491: FutureWarning: `torch.jit.script` is deprecated.\n')
+    assert [w for _, w in problems(warned)] == ["a library's warning (filter it in a hidden cell)"]
 
 
 def test_a_figure_in_prose_must_agree_with_a_result_file_or_the_notebooks_own_output(tmp_path):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 ANSI = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')
 TMP = re.compile(r'(?:/private)?/(?:tmp|var/folders/[\w/]+?)/tmp[\w.-]+')
+# a warning that a library raised, as Python prints it: `/path/to/module.py:123: FutureWarning: ...`
+LIB_WARNING = re.compile(r'\.py:\d+: \w*Warning: ')
 FRAME = re.compile(r'(?:Epoch \d+/\d+ : )?\|[-█]{10,}\|\s*[\d.]+%\s*\[[^\]]*\]')  # a fastprogress frame
 BAR = re.compile(r'[█▏▎▍▌▋▊▉]|\|[-█]{10,}\|')
 
@@ -45,13 +47,14 @@ def clean(nb:dict)->bool:
     return changed
 
 def problems(nb:dict)->list:
-    "`(cell id, what)` for each output that still holds ANSI codes, progress-bar residue or a temporary path."
+    "`(cell id, what)` for each output that still holds ANSI codes, progress-bar residue, a temporary path or a library's warning."
     res = []
     for c in nb.get('cells', []):
         for o in c.get('outputs', []):
             for d, k in _texts(o):
                 t = ''.join(d[k]) if isinstance(d[k], list) else d[k]
-                for name, pat in (('ANSI escape codes', ANSI), ('a progress bar', BAR), ('an absolute temporary path', TMP)):
+                for name, pat in (('ANSI escape codes', ANSI), ('a progress bar', BAR), ('an absolute temporary path', TMP),
+                                  ("a library's warning (filter it in a hidden cell)", LIB_WARNING)):
                     if pat.search(t): res.append((c.get('id'), name))
                 if '\r' in t: res.append((c.get('id'), 'carriage returns (progress-bar frames)'))
     return res
