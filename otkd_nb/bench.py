@@ -16,7 +16,7 @@ from .exact import exact_ot
 from .remd import remd, cosine_remd
 from .ipot import ipot, sinkhorn
 from . import fast
-from .fast import bench_matvec
+from .runs import write_atomic
 
 # %% auto #0
 __all__ = ['SOLVERS', 'COMPILED', 'TRITON', 'FUSED', 'REFERENCES', 'timeit', 'bench_solvers', 'fit_exponent', 'bench_remd',
@@ -310,10 +310,6 @@ def _md_table(rows, keys):
     fmt = lambda v: (f'{v:.3g}' if isinstance(v, float) else str(v))
     return '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] + ['| ' + ' | '.join(fmt(r.get(k, math.nan)) for k in keys) + ' |' for r in rows])
 
-def _write_atomic(path:Path, text:str):
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text); os.replace(tmp, path)
-
 def _solver_sections(solver_rows)->list:
     "The solver table, the scaling exponents and the ratios of 4 layers to 1, as markdown lines."
     lines = ['', '### Solvers (milliseconds; relative error against exact OT; first_ms: the first call, compilation included)', '',
@@ -334,7 +330,14 @@ def _solver_sections(solver_rows)->list:
     return lines
 
 # %% ../nbs/11_bench.ipynb #ba3a423e
-def report(solver_rows, step_rows, machine, matvec_rows=(), remd_rows=(), pot_rows=())->str:
+def report(
+    solver_rows, # `solver_table`'s rows
+    step_rows, # `step_table`'s rows (the training step's overhead)
+    machine, # `machine_info()`
+    matvec_rows=(), # `bench_matvec`'s rows
+    remd_rows=(), # the REMD against cosine cost rows
+    pot_rows=(), # IPOT against POT, timed in turns
+)->str: # markdown
     "The benchmark as markdown: machine, targets, solver table, scaling exponents, REMD and IPOT against POT in turns, matrix-vector products, step table."
     lines = [f"Machine: {machine['name']} ({machine['device']}), {machine['cpus']} CPUs, {machine['torch_threads']} torch threads; "
              f"torch {machine['torch']}, POT {machine['pot']}, Python {machine['python']}.", '', '### Targets', '',
@@ -359,7 +362,8 @@ def report(solver_rows, step_rows, machine, matvec_rows=(), remd_rows=(), pot_ro
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/11_bench.ipynb #cd303a4d
-def main(argv=None):
+def main(argv:list|None=None, # the arguments; None: `sys.argv[1:]`
+        ):
     "Command line: run the benchmarks and write JSON and markdown results."
     p = argparse.ArgumentParser(prog='otkd-bench', description='Benchmark the OT solvers against POT and SciPy, and the '
         'training-step overhead of REMD and IPOT over KD, REMD against the cosine cost and IPOT against POT in turns, and the two ways of writing IPOT\'s matrix-vector products. Timings are medians, reported as ratios measured in the same run.',
@@ -381,15 +385,15 @@ def main(argv=None):
     machine, dev = _machine(a.device), torch.device(a.device).type
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     def save(solver_rows, step_rows, matvec_rows=(), remd_rows=(), pot_rows=()):  # after each part, so a failure later keeps what was measured
-        _write_atomic(out / f'results_{dev}.json', json.dumps(dict(machine=machine, solvers=solver_rows, step=step_rows, matvec=list(matvec_rows),
+        write_atomic(out / f'results_{dev}.json', json.dumps(dict(machine=machine, solvers=solver_rows, step=step_rows, matvec=list(matvec_rows),
                                                                    remd=list(remd_rows), pot=list(pot_rows)), indent=1))
         md = report(solver_rows, step_rows, machine, matvec_rows, remd_rows, pot_rows)
-        _write_atomic(out / f'results_{dev}.md', md)
+        write_atomic(out / f'results_{dev}.md', md)
         return md
     solver_rows = [] if 'solvers' in a.skip else bench_solvers(sizes, layers, a.width, a.device, 3 if a.quick else a.repeat)
     remd_rows = [] if 'remd' in a.skip else bench_remd(sizes, layers, a.width, a.device, 10 if a.quick else 40)
     pot_rows = [] if 'pot' in a.skip else bench_pot(sizes, 4, a.width, a.device, 3 if a.quick else 20)
-    matvec_rows = [] if 'matvec' in a.skip else bench_matvec(sizes, device=a.device, min_run_time=0.05 if a.quick else 0.2)
+    matvec_rows = [] if 'matvec' in a.skip else fast.bench_matvec(sizes, device=a.device, min_run_time=0.05 if a.quick else 0.2)
     save(solver_rows, [], matvec_rows, remd_rows, pot_rows)
     step_rows = [] if 'step' in a.skip else bench_step(pairs, 16 if a.quick else 64, 3 if a.quick else a.steps, a.device, rounds=a.rounds)
     print(save(solver_rows, step_rows, matvec_rows, remd_rows, pot_rows))

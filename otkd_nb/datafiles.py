@@ -194,7 +194,7 @@ def write_fake_cifar100(
     folder:str|Path, # where to create `cifar-100-python/`
     n_train:int=200, # training images
     n_test:int=100, # test images
-    seed:int=0,
+    seed:int=0, # random seed of the pixels and labels
 )->Path:
     "Write a small CIFAR-100 in the real format (random images, labels cycling through the 100 classes), for tests and examples."
     rng = np.random.default_rng(seed)
@@ -215,7 +215,7 @@ def write_fake_svhn(
     folder:str|Path, # where to write `train_32x32.mat` and `test_32x32.mat`
     n_train:int=200, # training images
     n_test:int=100, # test images
-    seed:int=0,
+    seed:int=0, # random seed of the pixels and labels
 )->Path:
     "Write a small SVHN in the real `.mat` format (random images; labels 1..10, 10 for the digit 0), for tests and examples."
     from scipy.io import savemat
@@ -231,7 +231,7 @@ def write_fake_image_folder(
     classes:tuple=('n01440764', 'n01443537', 'n01484850'), # class folder names (ImageNet's wnids)
     n_train:int=4, # images per class in `train/`
     n_val:int=2, # images per class in `val/`
-    seed:int=0,
+    seed:int=0, # random seed of the pixels and labels
 )->Path:
     "Write a small ImageNet-style folder (flat-coloured JPEG and PNG images of various sizes), for tests and examples."
     from PIL import Image

@@ -29,10 +29,8 @@ class TermMetric(Metric):
     ): self._name, self.val = name, None
     def reset(self): pass
     def accumulate(self, learn): pass
-    @property
-    def value(self): return self.val
-    @property
-    def name(self): return self._name
+    value = property(lambda self: self.val)
+    name = property(lambda self: self._name)
 
 # %% ../nbs/05a_distill.ipynb #87477fe6
 class SharedState:
@@ -70,7 +68,9 @@ class CleanupOnError:
 
 # %% ../nbs/05a_distill.ipynb #2896b296
 @contextlib.contextmanager
-def preserve_rng(device:torch.device|None=None):
+def preserve_rng(
+    device:torch.device|None=None, # also keep this CUDA device's random state; None or a CPU: only the host's
+):
     "Restore Python's, NumPy's and torch's random states (and `device`'s, on CUDA) on exit."
     py, npy = random.getstate(), np.random.get_state()
     devs = [device] if device is not None and torch.device(device).type == 'cuda' else []
@@ -113,7 +113,9 @@ class SequentialWithParts(nn.Sequential):
             if name != 'distill': input = module(input)
         return input
 
-def strip_distill(model:nn.Module)->nn.Module:
+def strip_distill(
+    model:nn.Module, # a student that distillation callbacks trained
+)->nn.Module: # the same model, without them
     "Remove the distillation parts (connectors, embeddings) attached to a student by the callbacks; returns the model (a plain Sequential again if it was one)."
     if 'distill' in model._modules: del model._modules['distill']
     if type(model) is SequentialWithParts: model.__class__ = nn.Sequential
@@ -386,11 +388,12 @@ def synthetic_dls(
 class TinyNet(nn.Module):
     "A small CNN with named stages and a `feature_layers` attribute, for `synthetic_dls`."
     feature_layers = ['stem', 'layer1', 'layer2', 'pool']
-    def __init__(self, w:int=16, n_classes:int=10):
+    def __init__(self,
+        w:int=16, # channels of the first stage (the second has `2 * w`)
+        n_classes:int=10, # outputs of the head
+    ):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
-        self.layer1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU())
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(2 * w, n_classes)
+        conv = lambda i, o, stride=1: nn.Sequential(nn.Conv2d(i, o, 3, stride=stride, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+        self.stem, self.layer1, self.layer2 = conv(3, w), conv(w, w), conv(w, 2 * w, stride=2)
+        self.pool, self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(2 * w, n_classes)
     def forward(self, x): return self.fc(self.pool(self.layer2(self.layer1(self.stem(x)))))

@@ -14,7 +14,9 @@ __all__ = ['module_names', 'get_module', 'layer_layouts', 'as_feature', 'Feature
            'find_feature_layers', 'connector_for']
 
 # %% ../nbs/05_features.ipynb #fb389fb1
-def module_names(model:nn.Module)->list:
+def module_names(
+    model:nn.Module, # any model
+)->list: # dotted names, e.g. 'layer3.1.conv2'
     "Names of all submodules of `model`, as accepted by `get_module`."
     return [n for n, _ in model.named_modules() if n]
 
@@ -35,7 +37,9 @@ def get_module(
 # %% ../nbs/05_features.ipynb #04afb092
 _LAYOUTS = weakref.WeakKeyDictionary()  # model -> {layer: layout}, set where layers are found by `find_feature_layers`
 
-def layer_layouts(model:nn.Module)->dict:
+def layer_layouts(
+    model:nn.Module, # a model whose layers `find_feature_layers` found
+)->dict: # `{layer: layout}`
     "How the outputs of `model`'s layers are read as features: `{layer: layout}` for the layers that need more than their plain output."
     return _LAYOUTS.get(model, {})
 

@@ -20,7 +20,9 @@ __all__ = ['TIMM_PREFIX', 'is_timm', 'require_timm', 'timm_name', 'timm_model', 
 # %% ../nbs/07a_hub.ipynb #aa14b4e9
 TIMM_PREFIX = 'timm/'
 
-def is_timm(name)->bool:
+def is_timm(
+    name, # a model name, or anything else (then False)
+)->bool:
     "Whether `name` names a timm model ('timm/<name>')."
     return isinstance(name, str) and name.lower().startswith(TIMM_PREFIX)
 
@@ -69,7 +71,9 @@ def timm_size_kwargs(
     return {'img_size': tuple(size)} if cfg is not None and getattr(cfg, 'fixed_input_size', False) else {}
 
 # %% ../nbs/07a_hub.ipynb #7e9050b4
-def sidecar(path:str|Path)->Path:
+def sidecar(
+    path:str|Path, # the `.safetensors` file
+)->Path: # the same path, ending in `.json`
     "The JSON file that `save_student` writes beside a `.safetensors` file."
     return Path(path).with_suffix('.json')
 

@@ -66,7 +66,10 @@ def comparisons(
     df['verdict'] = [verdict(r, level) for r in df.itertuples()]
     return df
 
-def verdict(r, level:float=0.95)->str:
+def verdict(
+    r, # a row of `comparisons`: row, other, n, mean, lo, hi, p, p_holm
+    level:float=0.95, # the interval's confidence level, for the words
+)->str:
     "A comparison's conclusion in words, from its confidence interval: better, worse, or no evidence of a difference."
     if r.n < 2 or math.isnan(r.lo): return f"{r.row} vs {r.other}: too few paired seeds ({r.n}) for an interval"
     ci = f"{r.mean:+.2f} points, {100 * level:.0f}% CI {r.lo:+.2f} to {r.hi:+.2f}, paired t-test p = {r.p:.2g}, Holm-adjusted {r.p_holm:.2g}, {r.n} seeds"

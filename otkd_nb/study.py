@@ -143,7 +143,9 @@ class NoRawLog(Callback):
 class EpochLine(Callback):
     "Print one line per epoch (train loss, validation accuracy, time) instead of progress bars: for logs."
     order = 100  # after the Recorder has the epoch's values
-    def __init__(self, label:str): self.label = label
+    def __init__(self,
+        label:str, # the run's name, at the start of each line
+    ): self.label = label
     def before_fit(self): self.t = time.time()
     def after_epoch(self):
         vals = dict(zip(self.recorder.metric_names[1:], self.recorder.log[1:]))
@@ -155,7 +157,9 @@ class Pause(Exception):
 
 RECORD_FILES = ('config.json', 'log.csv', 'metrics.json', 'grad_norms.json')
 
-def git_commit(path:str|Path='.')->str|None:
+def git_commit(
+    path:str|Path='.', # a file or folder inside the repository
+)->str|None:
     "The commit of the repository holding `path`, with '+changes' when its tracked files differ from it; None outside git."
     try:
         c = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=path, capture_output=True, text=True, timeout=30)
@@ -224,14 +228,22 @@ def run(self:Runner,
     self.trained += 1
     return {**r, 'out': str(rec)}
 
-def sha256(path:str|Path)->str:
+def sha256(
+    path:str|Path, # the file
+)->str:
     "The SHA-256 of a file, in hex."
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 # %% ../nbs/12a_study.ipynb #caf21810
-def teacher_path(runner:Runner)->Path: return runner.records/'teacher'/f'{model_name(runner.study.teacher)}.pth'
+def teacher_path(
+    runner:Runner, # gives the records folder and the teacher's name
+)->Path:
+    "Where the shared teacher's weights are kept, beside the records."
+    return runner.records/'teacher'/f'{model_name(runner.study.teacher)}.pth'
 
-def run_teacher(runner:Runner)->dict:
+def run_teacher(
+    runner:Runner, # the runner
+)->dict: # the teacher's metrics
     "Train the shared teacher once, on a split that leaves the tuning's holdout images out; keep its weights beside the records."
     s = runner.study
     r = runner.run('teacher', train_teacher, model=s.teacher, dataset='fashion_mnist', epochs=s.teacher_epochs, bs=s.bs, seed=0,
@@ -243,11 +255,16 @@ def run_teacher(runner:Runner)->dict:
         p.parent.mkdir(parents=True, exist_ok=True); write_atomic(p, buf.getvalue())
     return r
 
-def common(study:Study, split:str)->dict:
+def common(
+    study:Study, # gives the batch size and the numbers of images
+    split:str, # 'holdout' (tuning) or 'test' (final rows)
+)->dict:
     "The arguments every student run shares."
     return dict(dataset='fashion_mnist', bs=study.bs, n_train=study.n_train, n_valid=study.n_valid, split=split)
 
-def run_schedule(runner:Runner)->pd.DataFrame: # one row per run: epochs, seed, holdout accuracy
+def run_schedule(
+    runner:Runner, # the runner
+)->pd.DataFrame: # one row per run: epochs, seed, holdout accuracy
     "The student alone with each schedule of `schedule_epochs`, on the holdout split: how long training must be to converge."
     s = runner.study
     rows = []
@@ -305,7 +322,12 @@ def weight_grid(
         return ot_grid(norms, k.part)
     return tuple(float(f"{k.weight * m:.3g}") for m in study.multipliers)
 
-def setting_name(weight:float, structure:str)->str: return f"w{weight:g}_{structure}"
+def setting_name(
+    weight:float, # the weight tried
+    structure:str, # 'default' or 'alternative'
+)->str:
+    "A tuning run's folder name, e.g. 'w0.9_default'."
+    return f"w{weight:g}_{structure}"
 
 # %% ../nbs/12a_study.ipynb #9ecee9b1
 def tune_method(

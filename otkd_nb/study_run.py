@@ -39,14 +39,18 @@ def run_final(
     return res
 
 # %% ../nbs/12b_study_run.ipynb #f627a16b
-def tuned_methods(study:Study)->list:
+def tuned_methods(
+    study:Study, # gives the final rows
+)->list: # keys of `TUNING`, in its order
     "The methods of `TUNING` that the study's rows need: their own, and those whose settings a combined row takes."
     ms = set(map(canonical_method, study.methods))
     need = ms | {p for m in ms for p in COMBINED.get(m, ())}
     return [m for m in TUNING if m in need]
 
 # %% ../nbs/12b_study_run.ipynb #a015fa5f
-def study_lock(out:Path)->Path:
+def study_lock(
+    out:Path, # the runs' folder
+)->Path: # the lock file, holding this process's id
     "Refuse to start while another `otkd-results` works in `out`; returns the lock file."
     out.mkdir(parents=True, exist_ok=True)
     lock = out/'results.pid'
@@ -115,7 +119,9 @@ def study_info(
                 expected=dict(tuning=n_tune, final=len(study.methods) * len(study.seeds)),
                 tuning={m: dict(part=k.part, choice=k.choice, default=k.default, alternative=k.alternative) for m, k in TUNING.items() if m in tuned})
 
-def load_tuning(runner:Runner)->pd.DataFrame:
+def load_tuning(
+    runner:Runner, # gives the records folder
+)->pd.DataFrame:
     "The tuning table as its records hold it."
     return load_records(runner.records)['tuning']
 
@@ -158,7 +164,9 @@ def results_parser()->argparse.ArgumentParser:
     return p
 
 # %% ../nbs/12b_study_run.ipynb #e64a3aeb
-def main(argv:list|None=None)->int:
+def main(
+    argv:list|None=None, # the arguments; None: `sys.argv[1:]`
+)->int: # the exit status
     "The command line `otkd-results`."
     p = results_parser(); a = p.parse_args(argv)
     try:

@@ -34,11 +34,21 @@ def plot_matrix(
     return ax
 
 # %% ../nbs/10_viz.ipynb #e8ca81ed
-def plot_cost(C:Tensor, ax=None, title:str='cost C', **kwargs):
+def plot_cost(
+    C:Tensor, # a cost matrix `(n, m)`
+    ax=None, # a matplotlib axis; None: a new figure
+    title:str='cost C', # the axis title
+    **kwargs, # passed to `plot_matrix`
+):
     "Show a cost matrix (see `plot_matrix` for the options)."
     return plot_matrix(C, ax=ax, title=title, cmap='magma', **kwargs)
 
-def plot_plan(P:Tensor, ax=None, title:str='plan T', **kwargs):
+def plot_plan(
+    P:Tensor, # a transport plan `(n, m)`
+    ax=None, # a matplotlib axis; None: a new figure
+    title:str='plan T', # the axis title
+    **kwargs, # passed to `plot_matrix`
+):
     "Show a transport plan (see `plot_matrix` for the options)."
     return plot_matrix(P, ax=ax, title=title, cmap='Blues', **kwargs)
 
