@@ -13,9 +13,9 @@ from scipy import stats
 from .runs import read_json, write_json, write_atomic, log_rows, time_seconds
 
 # %% auto #0
-__all__ = ['OT_ROWS', 'paired', 'holm', 'comparisons', 'verdict', 'load_records', 'tuning_choices', 'summary', 'grad_norm_table',
-           'plot_results', 'plot_tuning', 'plot_grad_norms', 'plot_curves', 'schedule_check', 'report_markdown',
-           'write_report', 'study_summary']
+__all__ = ['OT_ROWS', 'paired', 'holm', 'comparisons', 'verdict', 'family_note', 'load_records', 'tuning_choices', 'summary',
+           'grad_norm_table', 'plot_results', 'plot_tuning', 'plot_grad_norms', 'plot_curves', 'schedule_check',
+           'report_markdown', 'write_report', 'study_summary']
 
 # %% ../nbs/12_results.ipynb #a117077c
 OT_ROWS = ('remd+kd', 'ipot+kd', 'ipot+crd+kd') # the rows that carry an OT term
@@ -53,16 +53,15 @@ def comparisons(
 )->pd.DataFrame: # one row per pair: n, mean, lo, hi (points of accuracy), p, p_holm, verdict
     "Each of `rows` against every other method (the teacher apart), paired by seed: mean difference, confidence interval, paired t-test, Holm-adjusted p, verdict."
     piv = 100 * final[final.method != 'teacher'].pivot(index='seed', columns='method', values=metric)
-    order = list(dict.fromkeys(final.method[final.method != 'teacher']))
-    res = []
+    order, res = list(dict.fromkeys(final.method[final.method != 'teacher'])), []
     for o in [r for r in rows if r in piv]:
         for b in [m for m in order if m != o]:
             both = piv[[o, b]].dropna()
             res.append(dict(row=o, other=b, **paired(both[o], both[b], level)))
     df = pd.DataFrame(res, columns=['row', 'other', 'n', 'mean', 'sd', 'lo', 'hi', 't', 'p'])
-    ok = df.p.notna()
-    df['p_holm'] = math.nan
-    if ok.any(): df.loc[ok, 'p_holm'] = holm(df.p[ok])
+    pair = pd.Series([frozenset(k) for k in zip(df.row, df.other)], index=df.index, dtype=object)  # an OT row against another: one test, listed twice
+    u = df.p.notna() & ~pair.duplicated()
+    df['p_holm'] = pair.map(dict(zip(pair[u], holm(df.p[u])))).astype(float)  # Holm's family: the distinct pairs
     df['verdict'] = [verdict(r, level) for r in df.itertuples()]
     return df
 
@@ -76,6 +75,16 @@ def verdict(
     if r.lo > 0: return f"{r.row} is better than {r.other} ({ci})"
     if r.hi < 0: return f"{r.row} is worse than {r.other} ({ci})"
     return f"no evidence of a difference between {r.row} and {r.other} ({ci})"
+
+# %% ../nbs/12_results.ipynb #f4a1c2e9
+def family_note(
+    c:pd.DataFrame, # `comparisons(...)`
+    level:float=0.95, # the intervals' confidence level
+)->str:
+    "One sentence on the family of comparisons: how many distinct pairs, and how many of the differences the intervals find hold after Holm's adjustment."
+    u = c[~pd.Series([frozenset(k) for k in zip(c.row, c.other)], index=c.index, dtype=object).duplicated()]
+    return (f"Each verdict reads its own interval; {len(u)} distinct pairs were compared, so some intervals miss 0 by chance alone: "
+            f"{int((u.p_holm < 1 - level).sum())} of the {int(((u.lo > 0) | (u.hi < 0)).sum())} differences found hold after Holm's adjustment (adjusted p < {1 - level:.2g})")
 
 # %% ../nbs/12_results.ipynb #1c18c655
 _TUNE = re.compile(r'^w(?P<weight>[^_]+)_(?P<structure>default|alternative)_s(?P<seed>\d+)$')
@@ -192,9 +201,8 @@ def plot_results(
         for i, r in enumerate(comps.itertuples()):
             c = 'C2' if r.lo > 0 else 'C3' if r.hi < 0 else '0.4'
             ax.errorbar(r.mean, i, xerr=[[r.mean - r.lo], [r.hi - r.mean]], fmt='o', color=c, capsize=4)
-        ax.axvline(0, color='k', lw=0.8)
+        ax.axvline(0, color='k', lw=0.8); ax.grid(axis='x', alpha=0.3)
         ax.set_yticks(range(len(comps)), [f"{r.row} - {r.other}" for r in comps.itertuples()], fontsize=8); ax.invert_yaxis()
-        ax.grid(axis='x', alpha=0.3)
         ax.set(xlabel=f'paired difference (points), mean and {100 * level:.0f}% CI', title='OT rows against the others, paired by seed')
     fig.tight_layout()
     return fig
@@ -218,8 +226,7 @@ def plot_tuning(
             ax.plot(g.index, 100 * g.values, mk, color=c, label=s)
         if m in choices: ax.plot(choices[m]['weight'], 100 * choices[m]['holdout_accuracy'], 'o', ms=14, mfc='none', mec='k')
         ax.set_xscale('log'); ax.set_title(m, fontsize=10); ax.grid(alpha=0.3); ax.set_xlabel('weight')
-    axs[0, 0].set_ylabel('holdout accuracy (%)'); axs[0, 0].legend(fontsize=8)
-    fig.tight_layout()
+    axs[0, 0].set_ylabel('holdout accuracy (%)'); axs[0, 0].legend(fontsize=8); fig.tight_layout()
     return fig
 
 def plot_grad_norms(
@@ -228,13 +235,11 @@ def plot_grad_norms(
     "Each weighted term's gradient norm on the student (log scale), at the start and at the end of training, method by method."
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(12, 4))
-    labels = [f"{m}: {t}" for m, t in table.index]
-    x = np.arange(len(table))
+    labels, x = [f"{m}: {t}" for m, t in table.index], np.arange(len(table))
     for k, (c, col) in enumerate((('start', 'C0'), ('end', 'C1'))):
         if c in table: ax.bar(x + (k - 0.5) * 0.4, table[c], 0.4, color=col, label=f'{c} of training')
     ax.set_yscale('log'); ax.set_xticks(x, labels, rotation=70, ha='right', fontsize=8); ax.grid(axis='y', alpha=0.3)
-    ax.set_ylabel('weight x gradient norm'); ax.legend(); ax.set_title("Pull of each term on the student's parameters")
-    fig.tight_layout()
+    ax.set_ylabel('weight x gradient norm'); ax.legend(); ax.set_title("Pull of each term on the student's parameters"); fig.tight_layout()
     return fig
 
 # %% ../nbs/12_results.ipynb #4210404e
@@ -256,8 +261,7 @@ def plot_curves(
                     alpha=0.8, label=f"{e} epochs" if name.endswith('_s0') else None)
     axs[1].set(xlabel='epoch', ylabel='holdout accuracy (%)', title='the student alone, by schedule length')
     for ax in axs: ax.grid(alpha=0.3)
-    axs[1].legend(fontsize=8)
-    fig.tight_layout()
+    axs[1].legend(fontsize=8); fig.tight_layout()
     return fig
 
 # %% ../nbs/12_results.ipynb #93904cf4
@@ -317,7 +321,7 @@ def _final_section(t:dict, level:float)->list:
     out += ['', "The table leads with the last epoch's accuracy: the best epoch is chosen on the test set itself, which flatters every row "
             "(the benchmark's code prints the best)."]
     c = comparisons(t['final'], level=level)
-    if len(c): out += ['', f'## Paired comparisons (last epoch, {100 * level:.0f}% confidence intervals)', ''] + [f"- {v}." for v in c.verdict]
+    if len(c): out += ['', f'## Paired comparisons (last epoch, {100 * level:.0f}% confidence intervals)', ''] + [f"- {v}." for v in c.verdict] + ['', family_note(c, level) + '.']
     return out
 
 def _pull_section(t:dict)->list:
@@ -391,5 +395,6 @@ def study_summary(
         out += ['', '| ' + ' | '.join(sm.index) + ' |', '|' + '---|' * len(sm),
                 '| ' + ' | '.join(f"{r['mean']:.2f} ± {r['std']:.2f} ({int(r['n'])})" for _, r in sm.iterrows()) + ' |', '',
                 f"Last-epoch test accuracy (%), mean ± std (seeds). Paired over seeds, {100 * level:.0f}% confidence intervals:", '']
-        out += [f"- {v}." for v in comparisons(t['final'], level=level).verdict]
+        c = comparisons(t['final'], level=level)
+        out += [f"- {v}." for v in c.verdict] + ['', family_note(c, level) + '.']
     return '\n'.join(out) + '\n'
