@@ -254,11 +254,10 @@ def plot_curves(
         rows = log_rows(f.parent); axs[0].plot([r['epoch'] + 1 for r in rows], [100 * r['accuracy'] for r in rows], 'o-', color='0.4')
     axs[0].set(xlabel='epoch', ylabel='holdout accuracy (%)', title='the shared teacher')
     recs = sorted((root/'runs'/'schedule').glob('*/record.json'), key=lambda p: (int(p.parent.name.split('_e')[1].split('_')[0]), p.parent.name))
-    for i, f in enumerate(recs):
-        rows, name = log_rows(f.parent), f.parent.name
-        e = int(name.split('_e')[1].split('_')[0])
+    for f in recs:
+        rows, e = log_rows(f.parent), int(f.parent.name.split('_e')[1].split('_')[0])
         axs[1].plot([r['epoch'] + 1 for r in rows], [100 * r['accuracy'] for r in rows], '-', color=f'C{[4, 8, 16, 24, 32].index(e) if e in (4, 8, 16, 24, 32) else 5}',
-                    alpha=0.8, label=f"{e} epochs" if name.endswith('_s0') else None)
+                    alpha=0.8, label=f"{e} epochs" if f.parent.name.endswith('_s0') else None)
     axs[1].set(xlabel='epoch', ylabel='holdout accuracy (%)', title='the student alone, by schedule length')
     for ax in axs: ax.grid(alpha=0.3)
     axs[1].legend(fontsize=8); fig.tight_layout()
@@ -291,6 +290,8 @@ def _report_head(t:dict, info:dict)->list:
     if sc: out += ['', f"**Schedule**: the student alone reaches " + ', '.join(f"{v:.2f}% in {e} epochs" for e, v in sc['means'].items())
                    + f" (mean holdout accuracy over the tuning seeds); the study's {sc['epochs']} epochs are {sc['gap']:.2f} points below the "
                    f"{sc['longest']}-epoch schedule" + (", short of convergence: the budget did not allow more." if sc['gap'] > 0.5 else ".")]
+    mins = {k: t[k].train_seconds.sum() / 60 for k in ('teacher', 'schedule', 'tuning', 'final') if not t[k].empty}
+    if mins: out += ['', f"**Compute**: {sum(mins.values()) / 60:.2f} hours of training in all, as the runs' logs time it (" + ', '.join(f"{k} {v:.0f} min" for k, v in mins.items()) + ")."]
     return out
 
 def _tuning_section(t:dict, info:dict)->list:
@@ -352,8 +353,7 @@ def write_report(
 )->list: # the files written
     "Rewrite the study's tables, report and figures from its records (atomically, file by file)."
     root = Path(records); root.mkdir(parents=True, exist_ok=True)
-    t, files = load_records(root, info['study']['methods'], info['study']), {}
-    n = len(info['study']['tune_seeds'])
+    t, files, n = load_records(root, info['study']['methods'], info['study']), {}, len(info['study']['tune_seeds'])
     files['study.json'] = json.dumps(info, indent=2) + '\n'
     for k in ('schedule', 'tuning', 'final'):
         if not t[k].empty: files[f'{k}.csv'] = t[k].to_csv(index=False, float_format='%.4f')
