@@ -160,11 +160,11 @@ RECORD_FILES = ('config.json', 'log.csv', 'metrics.json', 'grad_norms.json')
 def git_commit(
     path:str|Path='.', # a file or folder inside the repository
 )->str|None:
-    "The commit of the repository holding `path`, with '+changes' when its tracked files differ from it; None outside git."
+    "The commit of the repository holding `path`, with '+changes' when its tracked files below `path` differ from it (a study's own records elsewhere do not count); None outside git."
     try:
         c = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=path, capture_output=True, text=True, timeout=30)
         if c.returncode: return None
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=path, capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.'], cwd=path, capture_output=True, text=True, timeout=30).stdout.strip()
         return c.stdout.strip() + ('+changes' if dirty else '')
     except (OSError, subprocess.SubprocessError): return None
 
