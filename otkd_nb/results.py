@@ -84,7 +84,7 @@ def family_note(
     "One sentence on the family of comparisons: how many distinct pairs, and how many of the differences the intervals find hold after Holm's adjustment."
     u = c[~pd.Series([frozenset(k) for k in zip(c.row, c.other)], index=c.index, dtype=object).duplicated()]
     return (f"Each verdict reads its own interval; {len(u)} distinct pairs were compared, so some intervals miss 0 by chance alone: "
-            f"{int((u.p_holm < 1 - level).sum())} of the {int(((u.lo > 0) | (u.hi < 0)).sum())} differences found hold after Holm's adjustment (adjusted p < {1 - level:.2g})")
+            f"the intervals find a difference in {int(((u.lo > 0) | (u.hi < 0)).sum())} of them, and {int((u.p_holm < 1 - level).sum())} of these hold after Holm's adjustment (adjusted p < {1 - level:.2g})")
 
 # %% ../nbs/12_results.ipynb #1c18c655
 _TUNE = re.compile(r'^w(?P<weight>[^_]+)_(?P<structure>default|alternative)_s(?P<seed>\d+)$')
@@ -396,5 +396,5 @@ def study_summary(
                 '| ' + ' | '.join(f"{r['mean']:.2f} ± {r['std']:.2f} ({int(r['n'])})" for _, r in sm.iterrows()) + ' |', '',
                 f"Last-epoch test accuracy (%), mean ± std (seeds). Paired over seeds, {100 * level:.0f}% confidence intervals:", '']
         c = comparisons(t['final'], level=level)
-        out += [f"- {v}." for v in c.verdict] + ['', family_note(c, level) + '.']
+        out += [f"- {v}." for v in c.verdict] + (['', family_note(c, level) + '.'] if len(c) else [])
     return '\n'.join(out) + '\n'
