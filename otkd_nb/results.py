@@ -45,6 +45,8 @@ def holm(
     return adj
 
 # %% ../nbs/12_results.ipynb #db48a7f6
+def _pairs(c:pd.DataFrame)->pd.Series: return pd.Series([frozenset(k) for k in zip(c.row, c.other)], index=c.index, dtype=object)  # an OT row against another: one test, listed under both
+
 def comparisons(
     final:pd.DataFrame, # the final runs: method, seed and `metric` columns
     rows:tuple=OT_ROWS, # the rows compared with every other one
@@ -59,8 +61,7 @@ def comparisons(
             both = piv[[o, b]].dropna()
             res.append(dict(row=o, other=b, **paired(both[o], both[b], level)))
     df = pd.DataFrame(res, columns=['row', 'other', 'n', 'mean', 'sd', 'lo', 'hi', 't', 'p'])
-    pair = pd.Series([frozenset(k) for k in zip(df.row, df.other)], index=df.index, dtype=object)  # an OT row against another: one test, listed twice
-    u = df.p.notna() & ~pair.duplicated()
+    pair = _pairs(df); u = df.p.notna() & ~pair.duplicated()
     df['p_holm'] = pair.map(dict(zip(pair[u], holm(df.p[u])))).astype(float)  # Holm's family: the distinct pairs
     df['verdict'] = [verdict(r, level) for r in df.itertuples()]
     return df
@@ -82,7 +83,7 @@ def family_note(
     level:float=0.95, # the intervals' confidence level
 )->str:
     "One sentence on the family of comparisons: how many distinct pairs, and how many of the differences the intervals find hold after Holm's adjustment."
-    u = c[~pd.Series([frozenset(k) for k in zip(c.row, c.other)], index=c.index, dtype=object).duplicated()]
+    u = c[~_pairs(c).duplicated()]
     return (f"Each verdict reads its own interval; {len(u)} distinct pairs were compared, so some intervals miss 0 by chance alone: "
             f"the intervals find a difference in {int(((u.lo > 0) | (u.hi < 0)).sum())} of them, and {int((u.p_holm < 1 - level).sum())} of these hold after Holm's adjustment (adjusted p < {1 - level:.2g})")
 
@@ -110,9 +111,8 @@ def load_records(
 )->dict: # DataFrames: 'teacher', 'schedule', 'tuning', 'final', 'grad_norms' (empty where nothing has finished)
     "Every finished run of a study as tables, read from the records alone (no checkpoint needed)."
     root, t = Path(records), {}
-    if (root/'study.json').exists():
-        if order is None: order = read_json(root/'study.json')['study']['methods']
-        if study is None: study = read_json(root/'study.json')['study']
+    s = read_json(root/'study.json')['study'] if (root/'study.json').exists() else None
+    if s is not None: order, study = (s['methods'] if order is None else order), (s if study is None else study)
     rank = lambda m: order.index(m) if order and m in order else len(order or ())
     t['teacher'] = pd.DataFrame([dict(model=m['model'], holdout_accuracy=m['accuracy'], test_accuracy=m.get('test_accuracy'),
                                       epochs=m['epochs'], train_seconds=_seconds(f)) for f, r, m in _finished(root, 'teacher', study)])
